@@ -1,0 +1,22 @@
+"""rosa-peft: ROSA (Random Subspace Adaptation) fine-tuning for PyTorch and Hugging Face models."""
+
+from .config import RosaConfig
+from .layers import RosaLayer, RosaLinear
+from .model import merge, parameter_report, print_trainable_parameters, resample, rosa_layers, wrap
+from .schedule import ResampleSchedule, reset_optimizer_state
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RosaConfig",
+    "RosaLayer",
+    "RosaLinear",
+    "ResampleSchedule",
+    "merge",
+    "parameter_report",
+    "print_trainable_parameters",
+    "resample",
+    "reset_optimizer_state",
+    "rosa_layers",
+    "wrap",
+]

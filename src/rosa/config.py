@@ -1,0 +1,127 @@
+"""`RosaConfig`: what to adapt and how, validated before any model is touched."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence, Union
+
+import torch
+
+SELECTIONS = ("random", "top", "bottom")
+FACTOR_DTYPES = {
+    None: None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    torch.float32: torch.float32,
+    torch.bfloat16: torch.bfloat16,
+    torch.float16: torch.float16,
+}
+
+Patterns = Union[None, str, Sequence[str]]
+
+
+def _invalid(name: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"RosaConfig.{name}={value!r} is invalid: {allowed}.")
+
+
+@dataclass
+class RosaConfig:
+    """Configuration of a ROSA adaptation.
+
+    rank: trainable rank R per layer; an int >= 1, or a float in (0, 1] meaning that fraction
+        of min(out_features, in_features) (rounded, at least 1).
+    target_modules: which layers to adapt: a list of exact module names or name suffixes
+        (``"query"`` matches ``encoder.layer.0.attention.self.query``), or one regex string
+        matched against full names. ``None`` = the architecture preset, else every supported layer.
+    exclude_modules: layers never adapted, same pattern forms as ``target_modules``.
+    selection: which singular vectors become trainable: ``random`` (uniform subset, the paper's
+        method), ``top`` (largest singular values) or ``bottom`` (smallest).
+    dropout: dropout probability on the adapter input, in [0, 1).
+    seed: seeds every subspace draw; a layer's draw depends only on (seed, name, resample count).
+    train_bias: also train the biases of adapted layers.
+    modules_to_save: modules trained fully (e.g. a classifier head), same pattern forms.
+    factor_dtype: dtype of the trainable factors (``None`` = the base weight's dtype), e.g.
+        ``"float32"`` factors over bfloat16 base weights.
+    """
+
+    rank: Union[int, float] = 8
+    target_modules: Patterns = None
+    exclude_modules: Patterns = None
+    selection: str = "random"
+    dropout: float = 0.0
+    seed: int = 0
+    train_bias: bool = False
+    modules_to_save: Patterns = None
+    factor_dtype: Union[None, str, torch.dtype] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field, its value and what is allowed."""
+        rank = self.rank
+        if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+            raise _invalid("rank", rank, "use an int >= 1 or a float in (0, 1]")
+        if isinstance(rank, int) and rank < 1:
+            raise _invalid("rank", rank, "an int rank must be >= 1")
+        if isinstance(rank, float) and not 0.0 < rank <= 1.0:
+            raise _invalid("rank", rank, "a float rank is a fraction and must be in (0, 1]")
+        if self.selection not in SELECTIONS:
+            raise _invalid("selection", self.selection, f"choose one of {', '.join(SELECTIONS)}")
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise _invalid("dropout", dropout, "use a probability in [0, 1)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise _invalid("seed", self.seed, "use an int >= 0")
+        if not isinstance(self.train_bias, bool):
+            raise _invalid("train_bias", self.train_bias, "use True or False")
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            _check_patterns(name, getattr(self, name))
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise _invalid("factor_dtype", self.factor_dtype, "use None, 'float32', 'bfloat16' or 'float16'")
+
+    @property
+    def factor_torch_dtype(self) -> Optional[torch.dtype]:
+        """The factors' dtype as a ``torch.dtype`` (``None`` = follow the base weight)."""
+        return FACTOR_DTYPES[self.factor_dtype]
+
+    def to_dict(self) -> dict:
+        """A JSON-serializable copy of the fields."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.dtype):
+                value = str(value).removeprefix("torch.")
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RosaConfig":
+        """Inverse of :meth:`to_dict`."""
+        return cls(**data)
+
+
+def _check_patterns(name: str, value: Patterns) -> None:
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise _invalid(name, value, f"a string is a regex and this one does not compile ({err})") from None
+        return
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise _invalid(name, value, "use None, a regex string, or a list of non-empty module names/suffixes")
+
+
+def matches(name: str, patterns: Patterns) -> bool:
+    """Whether module ``name`` matches ``patterns`` (regex string, or exact names / suffixes)."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)

@@ -1,0 +1,85 @@
+"""Shared output helpers for the experiment runners: result JSON, tables, plots, progress bars."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+def machine_info() -> dict[str, Any]:
+    """What produced a result: date, platform, CPU count, torch version, accelerator."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON atomically (temp file, then rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, default=str)
+        handle.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], floatfmt: str = ".4g") -> str:
+    """A GitHub-markdown table of ``rows`` (dicts) with the given ``columns``."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return format(value, floatfmt)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{value:,}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def progress(iterable: Iterable, desc: str, total: int | None = None, **kwargs: Any) -> tqdm:
+    """A tqdm progress bar on stderr (disabled when ``ROSA_NO_PROGRESS=1``)."""
+    disable = os.environ.get("ROSA_NO_PROGRESS") == "1"
+    return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def new_figure(ncols: int, width: float = 5.5, height: float = 4.0):
+    """A matplotlib figure with ``ncols`` axes side by side, using the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save and close ``fig`` as a PNG; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

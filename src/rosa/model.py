@@ -1,0 +1,174 @@
+"""Module surgery over a whole model: wrap, resample, merge and parameter reports.
+
+No linear algebra lives here: the layers own the math.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import nn
+
+from . import presets
+from .config import Patterns, RosaConfig, matches
+from .layers import RosaLayer, check_weight, is_supported, layer_class_for
+from .schedule import reset_optimizer_state
+
+CONFIG_ATTR = "rosa_config"
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _no_match_error(field: str, patterns: Patterns, names: list[str]) -> ValueError:
+    sample = ", ".join(repr(n) for n in names[:8]) or "(none)"
+    more = f" ... ({len(names)} in all)" if len(names) > 8 else ""
+    return ValueError(
+        f"RosaConfig.{field}={patterns!r} matches no module of this model. "
+        f"Some module names that exist: {sample}{more}"
+    )
+
+
+def find_targets(model: nn.Module, config: RosaConfig) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs that ``config`` adapts, in model order.
+
+    Raises ``ValueError`` when an explicit pattern matches nothing, or names an unsupported layer.
+    """
+    named = [(n, m) for n, m in model.named_modules() if n]
+    supported = [(n, m) for n, m in named if is_supported(m)]
+    patterns = config.target_modules
+    preset = presets.preset_targets(model) if patterns is None else None
+    if patterns is None and preset is None:
+        targets = [(n, m) for n, m in supported if not presets.is_head(model, n, m)]
+        presets.log_fallback(model, len(targets))
+    else:
+        wanted = patterns if patterns is not None else preset
+        matched = [(n, m) for n, m in named if matches(n, wanted)]
+        if not matched:
+            raise _no_match_error("target_modules", wanted, [n for n, _ in supported] or [n for n, _ in named])
+        targets = [(n, m) for n, m in matched if is_supported(m)]
+        if not targets:
+            name, module = matched[0]
+            raise ValueError(
+                f"RosaConfig.target_modules={wanted!r} matches only layers ROSA cannot adapt, e.g. {name!r} "
+                f"({type(module).__name__}); supported: nn.Linear, transformers Conv1D"
+            )
+    targets = [(n, m) for n, m in targets if not matches(n, config.exclude_modules)]
+    if not targets:
+        raise ValueError("RosaConfig.exclude_modules excludes every target layer; nothing would be trained")
+    return targets
+
+
+def _find_saved(model: nn.Module, config: RosaConfig) -> list[nn.Module]:
+    if config.modules_to_save is None:
+        return []
+    named = [(n, m) for n, m in model.named_modules() if n]
+    saved = [m for n, m in named if matches(n, config.modules_to_save)]
+    if not saved:
+        raise _no_match_error("modules_to_save", config.modules_to_save, [n for n, _ in named])
+    return saved
+
+
+def wrap(model: nn.Module, config: RosaConfig) -> nn.Module:
+    """Freeze ``model`` and replace its target layers with ROSA layers, in place; returns ``model``.
+
+    Everything is validated first (config, targets, weights), so an error leaves the model untouched.
+    """
+    if not isinstance(config, RosaConfig):
+        raise TypeError(f"config must be a rosa.RosaConfig, got {type(config).__name__}")
+    config.validate()
+    if rosa_layers(model):
+        raise ValueError("model already has ROSA layers; call rosa.merge(model) before wrapping again")
+    targets = find_targets(model, config)
+    saved = _find_saved(model, config)
+    for name, module in targets:
+        check_weight(module.weight, name)
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, module in targets:
+        layer = layer_class_for(module)(
+            module,
+            config.rank,
+            name=name,
+            selection=config.selection,
+            seed=config.seed,
+            dropout=config.dropout,
+            factor_dtype=config.factor_torch_dtype,
+        )
+        if config.train_bias and module.bias is not None:
+            module.bias.requires_grad_(True)
+        _set_submodule(model, name, layer)
+    for module in saved:
+        module.requires_grad_(True)
+    setattr(model, CONFIG_ATTR, config)
+    return model
+
+
+def rosa_layers(model: nn.Module) -> dict[str, RosaLayer]:
+    """Every ROSA layer of ``model``, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, RosaLayer)}
+
+
+def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable factors (``up`` and ``down``) of every ROSA layer."""
+    return [p for layer in rosa_layers(model).values() for p in (layer.up, layer.down)]
+
+
+def resample(model: nn.Module, optimizer: Optional[Any] = None) -> int:
+    """Merge every ROSA layer, draw a new subspace, and clear the factors' optimizer state.
+
+    Parameter objects keep their identity, so optimizers, schedulers and DDP keep working.
+    Returns the number of layers resampled.
+    """
+    layers = rosa_layers(model)
+    if not layers:
+        raise ValueError("model has no ROSA layers; call rosa.wrap(model, config) first")
+    for layer in layers.values():
+        layer.resample()
+    if optimizer is not None:
+        reset_optimizer_state(optimizer, factor_parameters(model))
+    return len(layers)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every ROSA layer into a plain layer of its original type, in place; returns ``model``."""
+    for name, layer in rosa_layers(model).items():
+        _set_submodule(model, name, layer.merge())
+    if hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    return model
+
+
+def parameter_report(model: nn.Module) -> dict[str, float]:
+    """Trainable and total parameter counts, and ROSA's reduction factor ``rho``.
+
+    ``rho = sum(out * in) / sum(R * (out + in))`` over the ROSA layers (0 when there are none).
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    layers = rosa_layers(model).values()
+    dense = sum(layer.up.shape[0] * layer.down.shape[1] for layer in layers)
+    factors = sum(layer.up.numel() + layer.down.numel() for layer in layers)
+    return {
+        "trainable": trainable,
+        "total": total,
+        "trainable_percent": 100.0 * trainable / max(total, 1),
+        "rosa_layers": len(layers),
+        "factor_parameters": factors,
+        "rho": dense / factors if factors else 0.0,
+    }
+
+
+def print_trainable_parameters(model: nn.Module) -> dict[str, float]:
+    """Print (and return) the parameter report of :func:`parameter_report`."""
+    report = parameter_report(model)
+    print(
+        f"trainable params: {report['trainable']:,} || all params: {report['total']:,} || "
+        f"trainable%: {report['trainable_percent']:.4f} || ROSA layers: {report['rosa_layers']} || "
+        f"rho: {report['rho']:.2f}"
+    )
+    return report

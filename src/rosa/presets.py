@@ -1,0 +1,78 @@
+"""Default target modules per architecture, used when ``RosaConfig.target_modules`` is None."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from torch import nn
+
+logger = logging.getLogger("rosa")
+
+# Hugging Face ``config.model_type`` -> module-name suffixes of the attention projections,
+# the layers the paper adapts.
+ATTENTION_PRESETS: dict[str, list[str]] = {
+    "bert": ["query", "key", "value", "attention.output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense"],
+    "xlm-roberta": ["query", "key", "value", "attention.output.dense"],
+    "electra": ["query", "key", "value", "attention.output.dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin"],
+    "gpt2": ["c_attn", "attn.c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj"],
+}
+
+# Extra MLP projections for ``preset_targets(..., include_mlp=True)``.
+MLP_PRESETS: dict[str, list[str]] = {
+    "bert": ["intermediate.dense", "output.dense"],
+    "roberta": ["intermediate.dense", "output.dense"],
+    "gpt2": ["c_fc", "mlp.c_proj"],
+    "llama": ["gate_proj", "up_proj", "down_proj"],
+    "mistral": ["gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["gate_proj", "up_proj", "down_proj"],
+    "gemma": ["gate_proj", "up_proj", "down_proj"],
+}
+
+# Names of task heads that a fallback never adapts (they are usually trained fully or kept).
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler")
+
+
+def model_type(model: nn.Module) -> Optional[str]:
+    """The Hugging Face ``config.model_type`` of ``model``, or ``None`` for a plain PyTorch module."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def preset_targets(model: nn.Module, include_mlp: bool = False) -> Optional[list[str]]:
+    """Target suffixes for a known architecture, or ``None`` when there is no preset."""
+    kind = model_type(model)
+    if kind not in ATTENTION_PRESETS:
+        return None
+    targets = list(ATTENTION_PRESETS[kind])
+    if include_mlp:
+        targets += MLP_PRESETS.get(kind, [])
+    return targets
+
+
+def is_head(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """Whether ``module`` is the model's output head (never adapted by the fallback)."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output) and get_output() is module:
+        return True
+    return name.split(".")[0] in HEAD_NAMES and model_type(model) is not None
+
+
+def log_fallback(model: nn.Module, count: int) -> None:
+    """Log that an unknown architecture got the every-supported-layer fallback."""
+    kind = model_type(model) or type(model).__name__
+    logger.info(
+        "rosa: no target preset for %r; adapting every supported layer except the output head (%d layers). "
+        "Pass RosaConfig(target_modules=...) to choose.",
+        kind,
+        count,
+    )

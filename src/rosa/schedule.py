@@ -1,0 +1,86 @@
+"""When to resample in a training loop, and clearing the factors' optimizer state."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+from torch import nn
+
+
+def base_optimizer(optimizer: Any) -> Any:
+    """The innermost optimizer under wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    while hasattr(getattr(optimizer, "optimizer", None), "state"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def reset_optimizer_state(optimizer: Any, params: Iterable[nn.Parameter]) -> int:
+    """Drop the optimizer state (moments, step counts) of ``params``; returns how many had state."""
+    state = base_optimizer(optimizer).state
+    return sum(state.pop(p, None) is not None for p in params)
+
+
+class ResampleSchedule:
+    """Calls ``rosa.resample`` at fixed intervals of a plain training loop.
+
+    Give exactly one of ``every_steps`` (call :meth:`step` after each optimizer step) or
+    ``every_epochs`` (call :meth:`epoch_end` after each epoch). The first ``warmup`` units
+    (steps or epochs) pass before the interval starts counting. ``resample_points`` lists the
+    step (or epoch) counts after which a resample happened.
+    """
+
+    def __init__(self, every_steps: Optional[int] = None, every_epochs: Optional[int] = None, warmup: int = 0):
+        if (every_steps is None) == (every_epochs is None):
+            raise ValueError(
+                f"ResampleSchedule needs exactly one of every_steps or every_epochs, "
+                f"got every_steps={every_steps!r}, every_epochs={every_epochs!r}"
+            )
+        every = every_steps if every_steps is not None else every_epochs
+        label = "every_steps" if every_steps is not None else "every_epochs"
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"ResampleSchedule.{label}={every!r} is invalid: use an int >= 1")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"ResampleSchedule.warmup={warmup!r} is invalid: use an int >= 0")
+        self.every = every
+        self.unit = "step" if every_steps is not None else "epoch"
+        self.warmup = warmup
+        self.count = 0
+        self.resample_points: list[int] = []
+
+    def due(self, count: int) -> bool:
+        """Whether a resample is due after ``count`` completed units."""
+        return count > self.warmup and (count - self.warmup) % self.every == 0
+
+    def _advance(self, unit: str, model: nn.Module, optimizer: Any) -> bool:
+        if unit != self.unit:
+            return False
+        self.count += 1
+        if not self.due(self.count):
+            return False
+        from .model import resample
+
+        resample(model, optimizer)
+        self.resample_points.append(self.count)
+        return True
+
+    def step(self, model: nn.Module, optimizer: Any = None) -> bool:
+        """Record one optimizer step; resample if due. Returns whether it resampled."""
+        return self._advance("step", model, optimizer)
+
+    def epoch_end(self, model: nn.Module, optimizer: Any = None) -> bool:
+        """Record one finished epoch; resample if due. Returns whether it resampled."""
+        return self._advance("epoch", model, optimizer)
+
+    def state_dict(self) -> dict:
+        """Progress of the schedule, for checkpoints."""
+        return {"every": self.every, "unit": self.unit, "warmup": self.warmup, "count": self.count,
+                "resample_points": list(self.resample_points)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore progress saved by :meth:`state_dict` (the intervals must match)."""
+        mine = (self.every, self.unit, self.warmup)
+        theirs = (state["every"], state["unit"], state["warmup"])
+        if mine != theirs:
+            raise ValueError(f"schedule state is for (every, unit, warmup)={theirs}, this schedule is {mine}")
+        self.count = state["count"]
+        self.resample_points = list(state["resample_points"])
