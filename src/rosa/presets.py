@@ -26,16 +26,21 @@ ATTENTION_PRESETS: dict[str, list[str]] = {
     "phi3": ["qkv_proj", "o_proj"],
 }
 
-# Extra MLP projections for ``preset_targets(..., include_mlp=True)``.
+# Extra MLP projections for ``preset_targets(..., include_mlp=True)``. BERT's ``output.dense`` also
+# matches ``attention.output.dense``, which the attention preset adapts anyway.
 MLP_PRESETS: dict[str, list[str]] = {
     "bert": ["intermediate.dense", "output.dense"],
     "roberta": ["intermediate.dense", "output.dense"],
+    "xlm-roberta": ["intermediate.dense", "output.dense"],
+    "electra": ["intermediate.dense", "output.dense"],
+    "distilbert": ["lin1", "lin2"],
     "gpt2": ["c_fc", "mlp.c_proj"],
     "llama": ["gate_proj", "up_proj", "down_proj"],
     "mistral": ["gate_proj", "up_proj", "down_proj"],
     "qwen2": ["gate_proj", "up_proj", "down_proj"],
     "qwen3": ["gate_proj", "up_proj", "down_proj"],
     "gemma": ["gate_proj", "up_proj", "down_proj"],
+    "phi3": ["gate_up_proj", "down_proj"],
 }
 
 # Names of task heads that a fallback never adapts (they are usually trained fully or kept).
