@@ -1,0 +1,72 @@
+import pytest
+import torch
+from torch import nn
+
+import rosa
+from rosa.config import matches
+
+
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("rank", 0, "rank"),
+        ("rank", -3, "rank"),
+        ("rank", 0.0, "(0, 1]"),
+        ("rank", 1.5, "(0, 1]"),
+        ("rank", True, "rank"),
+        ("rank", "8", "rank"),
+        ("selection", "middle", "random, top, bottom"),
+        ("dropout", 1.0, "[0, 1)"),
+        ("dropout", -0.1, "[0, 1)"),
+        ("seed", -1, "seed"),
+        ("seed", 1.5, "seed"),
+        ("train_bias", "yes", "train_bias"),
+        ("target_modules", "([", "regex"),
+        ("target_modules", ["query", ""], "target_modules"),
+        ("target_modules", 3, "target_modules"),
+        ("exclude_modules", [1], "exclude_modules"),
+        ("modules_to_save", {"a": 1}, "modules_to_save"),
+        ("factor_dtype", "float64", "factor_dtype"),
+    ],
+)
+def test_invalid_field_raises_naming_field_and_value(field, value, fragment):
+    with pytest.raises(ValueError) as info:
+        rosa.RosaConfig(**{field: value})
+    message = str(info.value)
+    assert f"RosaConfig.{field}" in message
+    assert repr(value) in message
+    assert fragment in message
+
+
+def test_valid_configs():
+    assert rosa.RosaConfig(rank=1).rank == 1
+    assert rosa.RosaConfig(rank=1.0).rank == 1.0
+    assert rosa.RosaConfig(rank=0.25, selection="bottom", dropout=0.1).dropout == 0.1
+    assert rosa.RosaConfig(factor_dtype="float32").factor_torch_dtype is torch.float32
+    cfg = rosa.RosaConfig(rank=4, target_modules=["q"], factor_dtype=torch.bfloat16)
+    again = rosa.RosaConfig.from_dict(cfg.to_dict())
+    assert again.factor_torch_dtype is torch.bfloat16
+    assert (again.rank, again.target_modules, again.selection) == (4, ["q"], "random")
+
+
+def test_invalid_field_set_after_construction_is_caught_by_wrap_without_touching_model():
+    model = nn.Sequential(nn.Linear(4, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = rosa.RosaConfig(rank=2)
+    cfg.selection = "sideways"
+    with pytest.raises(ValueError, match="selection"):
+        rosa.wrap(model, cfg)
+    assert isinstance(model[0], nn.Linear)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_pattern_matching_forms():
+    name = "encoder.layer.0.attention.self.query"
+    assert matches(name, ["query"])
+    assert matches(name, [name])
+    assert matches(name, ["self.query"])
+    assert not matches(name, ["uery"])
+    assert matches(name, r".*layer\.0\..*query")
+    assert not matches(name, r"layer\.0")  # regex strings match the full name
+    assert not matches(name, None)

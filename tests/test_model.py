@@ -1,0 +1,214 @@
+import pytest
+import torch
+from torch import nn
+
+import rosa
+from rosa.layers import RosaLayer
+from rosa.model import factor_parameters
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.ModuleDict(
+            {"query": nn.Linear(16, 16), "value": nn.Linear(16, 16), "ffn": nn.Linear(16, 32)}
+        )
+        self.norm = nn.LayerNorm(32)
+        self.classifier = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.encoder["query"](x) + self.encoder["value"](x))
+        return self.classifier(self.norm(self.encoder["ffn"](h)))
+
+
+def fresh(seed=0):
+    torch.manual_seed(seed)
+    return Net()
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, [p.requires_grad for p in model.parameters()]
+
+
+def assert_unchanged(model, snap):
+    state, flags = snap
+    assert set(model.state_dict()) == set(state)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert flags == [p.requires_grad for p in model.parameters()]
+    assert not rosa.rosa_layers(model)
+
+
+def test_wrap_freezes_and_counts_trainable_parameters_exactly():
+    model = rosa.wrap(fresh(), rosa.RosaConfig(rank=4, target_modules=["query", "value"]))
+    layers = rosa.rosa_layers(model)
+    assert set(layers) == {"encoder.query", "encoder.value"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"encoder.{m}.{f}" for m in ("query", "value") for f in ("up", "down")}
+    report = rosa.parameter_report(model)
+    assert report["trainable"] == 2 * 4 * (16 + 16)
+    assert report["rho"] == pytest.approx((16 * 16 * 2) / (2 * 4 * 32))
+
+
+def test_train_bias_and_modules_to_save_add_exactly_their_parameters():
+    cfg = rosa.RosaConfig(rank=2, target_modules=["ffn"], train_bias=True, modules_to_save=["classifier"])
+    model = rosa.wrap(fresh(), cfg)
+    expected = 2 * (16 + 32) + 32 + (32 * 3 + 3)  # factors + ffn bias + classifier
+    assert rosa.parameter_report(model)["trainable"] == expected
+
+
+def test_regex_targets_and_exclusion():
+    model = rosa.wrap(fresh(), rosa.RosaConfig(rank=2, target_modules=r"encoder\..*", exclude_modules=["ffn"]))
+    assert set(rosa.rosa_layers(model)) == {"encoder.query", "encoder.value"}
+
+
+def test_default_targets_on_plain_model_adapt_every_linear():
+    model = rosa.wrap(fresh(), rosa.RosaConfig(rank=2))
+    assert set(rosa.rosa_layers(model)) == {"encoder.query", "encoder.value", "encoder.ffn", "classifier"}
+
+
+def test_pattern_matching_nothing_lists_existing_names_and_leaves_model_untouched():
+    model = fresh()
+    snap = snapshot(model)
+    with pytest.raises(ValueError) as info:
+        rosa.wrap(model, rosa.RosaConfig(target_modules=["q_proj"]))
+    assert "matches no module" in str(info.value) and "encoder.query" in str(info.value)
+    assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        rosa.wrap(model, rosa.RosaConfig(target_modules=["query"], modules_to_save=["head"]))
+    assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match="cannot adapt"):
+        rosa.wrap(model, rosa.RosaConfig(target_modules=["norm"]))
+    assert_unchanged(model, snap)
+
+
+def test_bad_weight_in_one_target_leaves_every_layer_untouched():
+    model = fresh()
+    with torch.no_grad():
+        model.encoder["value"].weight[0, 0] = float("nan")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="encoder.value"):
+        rosa.wrap(model, rosa.RosaConfig(target_modules=["query", "value"]))
+    state, flags = snap
+    assert all(torch.equal(state[k].nan_to_num(), v.nan_to_num()) for k, v in model.state_dict().items())
+    assert flags == [p.requires_grad for p in model.parameters()]
+
+
+def test_wrap_twice_is_refused():
+    model = rosa.wrap(fresh(), rosa.RosaConfig(rank=2))
+    with pytest.raises(ValueError, match="already has ROSA layers"):
+        rosa.wrap(model, rosa.RosaConfig(rank=2))
+
+
+def test_gradients_flow_only_to_factors():
+    model = rosa.wrap(fresh(), rosa.RosaConfig(rank=3, target_modules=["query", "ffn"]))
+    model(torch.randn(8, 16)).sum().backward()
+    factors = {id(p) for p in factor_parameters(model)}
+    for name, p in model.named_parameters():
+        if id(p) in factors:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_merge_gives_plain_model_with_same_outputs_after_training():
+    model = rosa.wrap(fresh(), rosa.RosaConfig(rank=3, target_modules=["query", "value", "ffn"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(16, 16)
+    for step in range(6):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 2:
+            rosa.resample(model, opt)
+    with torch.no_grad():
+        expected = model(x)
+    merged = rosa.merge(model)
+    assert merged is model
+    assert not any(isinstance(m, RosaLayer) for m in merged.modules())
+    assert {type(m) for m in merged.encoder.values()} == {nn.Linear}
+    assert not hasattr(merged, "rosa_config")
+    with torch.no_grad():
+        assert torch.allclose(merged(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+    ],
+    ids=["adamw", "sgd-momentum"],
+)
+def test_resample_clears_exactly_factor_state_and_keeps_parameter_identity(make_optimizer):
+    cfg = rosa.RosaConfig(rank=3, target_modules=["query", "value"], modules_to_save=["classifier"])
+    model = rosa.wrap(fresh(), cfg)
+    opt = make_optimizer(trainable(model))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x = torch.randn(8, 16)
+    for _ in range(2):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    factors = factor_parameters(model)
+    head = list(model.classifier.parameters())
+    ids_before = [id(p) for p in trainable(model)]
+    assert all(p in opt.state for p in factors + head)
+    head_state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in head}
+
+    rosa.resample(model, opt)
+
+    assert [id(p) for p in trainable(model)] == ids_before
+    assert all(p not in opt.state for p in factors)
+    for p in head:  # untouched state of non-factor parameters
+        assert all(torch.equal(head_state[id(p)][k], v) for k, v in opt.state[p].items())
+    lr = opt.param_groups[0]["lr"]
+    model(x).pow(2).mean().backward()
+    opt.step()
+    sched.step()
+    assert all(p in opt.state for p in factors)
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr * 0.5)
+
+
+def test_resample_works_through_accelerate_wrapped_optimizer():
+    from accelerate import Accelerator
+
+    model = rosa.wrap(fresh(), rosa.RosaConfig(rank=3, target_modules=["query"]))
+    accelerator = Accelerator(cpu=True)
+    opt = torch.optim.AdamW(trainable(model), lr=1e-2)
+    model, opt = accelerator.prepare(model, opt)
+    model(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    inner = opt.optimizer
+    assert all(p in inner.state for p in factor_parameters(model))
+    rosa.resample(model, opt)
+    assert all(p not in inner.state for p in factor_parameters(model))
+
+
+def test_resample_without_rosa_layers_is_an_error():
+    with pytest.raises(ValueError, match="rosa.wrap"):
+        rosa.resample(fresh())
+
+
+def test_resample_changes_subspace_but_not_function():
+    model = rosa.wrap(fresh(), rosa.RosaConfig(rank=3, target_modules=["query"]))
+    layer = rosa.rosa_layers(model)["encoder.query"]
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        before, up_before = model(x), layer.up.clone()
+    rosa.resample(model)
+    assert layer.resample_count == 1
+    assert not torch.allclose(layer.up, up_before)
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_print_trainable_parameters(capsys):
+    model = rosa.wrap(fresh(), rosa.RosaConfig(rank=4, target_modules=["query", "value"]))
+    report = rosa.print_trainable_parameters(model)
+    line = capsys.readouterr().out
+    assert f"trainable params: {report['trainable']:,}" in line and "rho: 2.00" in line

@@ -1,0 +1,67 @@
+import pytest
+import torch
+from torch import nn
+
+import rosa
+
+
+def wrapped():
+    torch.manual_seed(0)
+    return rosa.wrap(nn.Sequential(nn.Linear(8, 8)), rosa.RosaConfig(rank=2))
+
+
+def test_every_steps_with_warmup_resamples_at_the_right_steps():
+    model = wrapped()
+    schedule = rosa.ResampleSchedule(every_steps=3, warmup=2)
+    fired = [step for step in range(1, 12) if schedule.step(model)]
+    assert fired == [5, 8, 11]
+    assert schedule.resample_points == fired
+    assert rosa.rosa_layers(model)["0"].resample_count == 3
+    assert schedule.epoch_end(model) is False  # a step schedule ignores epochs
+
+
+def test_every_epochs():
+    model = wrapped()
+    schedule = rosa.ResampleSchedule(every_epochs=2)
+    assert [e for e in range(1, 7) if schedule.epoch_end(model)] == [2, 4, 6]
+    assert schedule.step(model) is False
+
+
+def test_schedule_clears_optimizer_state_of_factors():
+    model = wrapped()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    schedule = rosa.ResampleSchedule(every_steps=1)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    assert all(p in opt.state for p in params)
+    assert schedule.step(model, opt)
+    assert not opt.state
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({}, "exactly one"),
+        ({"every_steps": 2, "every_epochs": 1}, "exactly one"),
+        ({"every_steps": 0}, "every_steps=0"),
+        ({"every_epochs": 1.5}, "every_epochs=1.5"),
+        ({"every_steps": 2, "warmup": -1}, "warmup=-1"),
+    ],
+)
+def test_invalid_schedule(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(")):
+        rosa.ResampleSchedule(**kwargs)
+
+
+def test_state_dict_round_trip_and_mismatch():
+    model = wrapped()
+    schedule = rosa.ResampleSchedule(every_steps=2)
+    for _ in range(5):
+        schedule.step(model)
+    restored = rosa.ResampleSchedule(every_steps=2)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.count == 5 and restored.resample_points == [2, 4]
+    assert restored.step(model) is True  # step 6 is due, as it would have been
+    with pytest.raises(ValueError, match="schedule state"):
+        rosa.ResampleSchedule(every_steps=3).load_state_dict(schedule.state_dict())

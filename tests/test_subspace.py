@@ -1,0 +1,94 @@
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.stats import chi2
+
+from rosa import subspace
+
+
+@given(
+    out=st.integers(1, 24), inp=st.integers(1, 24), data=st.data(),
+    selection=st.sampled_from(["random", "top", "bottom"]),
+)
+def test_factorize_reconstructs_weight(out, inp, data, selection):
+    rank = data.draw(st.integers(1, min(out, inp)))
+    w = torch.randn(out, inp, generator=torch.Generator().manual_seed(out * 100 + inp))
+    up, down, residual = subspace.factorize(w, rank, selection, subspace.layer_generator(0, "l", 0))
+    assert up.shape == (out, rank) and down.shape == (rank, inp) and residual.shape == (out, inp)
+    assert torch.allclose(residual + up @ down, w, atol=1e-5 * max(1.0, w.abs().max().item()))
+
+
+def test_factors_split_singular_values_evenly_and_residual_is_the_rest():
+    w = torch.randn(10, 7, dtype=torch.float64)
+    s_ref = torch.linalg.svdvals(w)  # float64 reference
+    idx = torch.tensor([1, 4, 5])
+    up, down = subspace.split_factors(*subspace.svd(w), idx)
+    residual = w.float() - up @ down
+    # Each factor carries sqrt(s): column norms of up == row norms of down == sqrt(s_i).
+    assert torch.allclose(up.norm(dim=0).double(), s_ref[idx].sqrt(), atol=1e-5)
+    assert torch.allclose(down.norm(dim=1).double(), s_ref[idx].sqrt(), atol=1e-5)
+    # The residual's nonzero singular values are exactly the unselected ones.
+    rest = torch.tensor([i for i in range(7) if i not in idx.tolist()])
+    assert torch.allclose(torch.linalg.svdvals(residual.double())[: len(rest)], s_ref[rest], atol=1e-5)
+
+
+def test_top_and_bottom_pick_extreme_singular_values():
+    s = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    g = torch.Generator()
+    assert subspace.select_indices(5, 2, "top", g).tolist() == [0, 1]
+    assert subspace.select_indices(5, 2, "bottom", g).tolist() == [3, 4]
+    assert s[subspace.select_indices(5, 2, "top", g)].min() >= s.max() - 1
+
+
+def test_select_rejects_bad_rank_and_strategy():
+    g = torch.Generator()
+    with pytest.raises(ValueError, match="rank"):
+        subspace.select_indices(4, 5, "random", g)
+    with pytest.raises(ValueError, match="selection"):
+        subspace.select_indices(4, 2, "middle", g)
+
+
+def test_random_selection_is_uniform_over_subsets():
+    """Chi-square test: all C(6, 2) = 15 subsets drawn equally often over many (name, count) keys."""
+    n, k, draws = 6, 2, 6000
+    counts: dict[tuple, int] = {}
+    for i in range(draws):
+        idx = subspace.select_indices(n, k, "random", subspace.layer_generator(7, f"layer{i % 50}", i // 50))
+        counts[tuple(idx.tolist())] = counts.get(tuple(idx.tolist()), 0) + 1
+    cells = math.comb(n, k)
+    assert len(counts) == cells
+    expected = draws / cells
+    stat = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert stat < chi2.ppf(0.999, cells - 1), (stat, counts)
+
+
+def test_selection_differs_between_resamples_and_layers_and_seeds():
+    def draw(seed, name, count):
+        return subspace.select_indices(64, 8, "random", subspace.layer_generator(seed, name, count)).tolist()
+
+    base = draw(0, "encoder.q", 0)
+    assert draw(0, "encoder.q", 0) == base
+    assert draw(0, "encoder.q", 1) != base
+    assert draw(0, "encoder.k", 0) != base
+    assert draw(1, "encoder.q", 0) != base
+
+
+def test_selection_is_identical_in_another_process():
+    code = (
+        "from rosa import subspace;"
+        "print(subspace.select_indices(100, 10, 'random', subspace.layer_generator(3, 'a.b', 2)).tolist())"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    mine = subspace.select_indices(100, 10, "random", subspace.layer_generator(3, "a.b", 2)).tolist()
+    assert other == str(mine)
+
+
+def test_factorize_of_half_precision_weight_runs_in_float32():
+    w = torch.randn(16, 8).to(torch.bfloat16)
+    up, down, residual = subspace.factorize(w, 4, "random", subspace.layer_generator(0, "x", 0))
+    assert up.dtype == down.dtype == residual.dtype == torch.float32
