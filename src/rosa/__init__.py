@@ -1,7 +1,7 @@
 """rosa-peft: ROSA (Random Subspace Adaptation) fine-tuning for PyTorch and Hugging Face models."""
 
 from .config import RosaConfig
-from .layers import RosaLayer, RosaLinear
+from .layers import RosaConv2d, RosaEmbedding, RosaLayer, RosaLinear
 from .model import merge, parameter_report, print_trainable_parameters, resample, rosa_layers, wrap
 from .schedule import ResampleSchedule, reset_optimizer_state
 
@@ -9,6 +9,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RosaConfig",
+    "RosaConv2d",
+    "RosaEmbedding",
     "RosaLayer",
     "RosaLinear",
     "ResampleSchedule",

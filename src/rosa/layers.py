@@ -75,6 +75,7 @@ class RosaLayer(nn.Module):
     ) -> None:
         super().__init__()
         check_weight(base.weight, name)
+        self.check_variant(base, name)
         self.base = base
         out_features, in_features = self.dense_weight().shape
         self.name = name
@@ -89,6 +90,10 @@ class RosaLayer(nn.Module):
         self.up = nn.Parameter(torch.zeros(out_features, self.rank, dtype=dtype, device=weight.device))
         self.down = nn.Parameter(torch.zeros(self.rank, in_features, dtype=dtype, device=weight.device))
         self.factorize()
+
+    @classmethod
+    def check_variant(cls, base: nn.Module, name: str) -> None:
+        """Raise ``ValueError`` naming the layer if this configuration of its type cannot be adapted."""
 
     # -- the weight as an [out, in] matrix -------------------------------------------------------
     def dense_weight(self) -> torch.Tensor:
@@ -170,6 +175,136 @@ class RosaLinear(RosaLayer):
         return result + F.linear(h, self.up).to(result.dtype)  # [..., out]
 
 
+class RosaConv2d(RosaLayer):
+    """ROSA over ``nn.Conv2d``: the kernel ``[out, in/groups, kh, kw]`` read as ``[out, in/groups*kh*kw]``.
+
+    y = base(x) + up_conv(down_conv(dropout(x))), where base holds ``W_res`` and the bias, ``down_conv``
+    has R output channels and the base layer's kernel size, stride, padding, dilation and padding mode,
+    and ``up_conv`` is 1x1. Grouped and depthwise convolutions are exact: each group's input goes
+    through the same R down filters (the columns of ``[out, in/groups*kh*kw]`` index a group's own
+    channels), and output channel ``o`` reads the R channels of its group, so the path costs
+    ``groups * R`` intermediate channels. Dropout acts on the input of the down convolution.
+    """
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.base.weight.flatten(1)  # [out, in/groups*kh*kw]
+
+    def set_dense_weight(self, weight: torch.Tensor) -> None:
+        self.base.weight.copy_(weight.reshape(self.base.weight.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        result = base(x)  # [B, out, H', W']
+        down = self.down.view(self.rank, -1, *base.kernel_size)  # [R, in/groups, kh, kw]
+        down = down.repeat(base.groups, 1, 1, 1)  # [groups*R, in/groups, kh, kw], shared by every group
+        # base's own convolution with the down kernel: same stride, padding, dilation, padding mode, groups
+        h = base._conv_forward(self.dropout(x).to(self.down.dtype), down, None)  # [B, groups*R, H', W']
+        up = self.up.view(*self.up.shape, 1, 1)  # [out, R, 1, 1]
+        return result + F.conv2d(h, up, groups=base.groups).to(result.dtype)  # [B, out, H', W']
+
+
+class RosaEmbedding(RosaLayer):
+    """ROSA over ``nn.Embedding``: the table ``[num_embeddings, dim]`` is the ``[out, in]`` matrix.
+
+    y = base(ids) + up[ids] @ down, where base holds ``W_res``. The padding row (``padding_idx``) is
+    never adapted: it stays exactly as it was in the base table, and its row of ``up`` is zero and
+    gets no gradient. ``max_norm``, ``scale_grad_by_freq`` and ``sparse=True`` are rejected. Dropout
+    does not apply (token ids are not dropped), as in PEFT.
+    """
+
+    @classmethod
+    def check_variant(cls, base: nn.Module, name: str) -> None:
+        if base.max_norm is not None:
+            raise ValueError(
+                f"embedding {name!r} has max_norm={base.max_norm}, which renormalizes looked-up rows in "
+                "place; ROSA does not support it: exclude this layer or build the embedding without max_norm"
+            )
+        if base.scale_grad_by_freq:
+            raise ValueError(
+                f"embedding {name!r} uses scale_grad_by_freq=True; ROSA cannot scale the shared ``down`` factor's "
+                "gradient per token: exclude this layer or build the embedding without scale_grad_by_freq"
+            )
+        if base.sparse:
+            raise ValueError(
+                f"embedding {name!r} uses sparse=True gradients; ROSA's factors train densely: exclude this "
+                "layer or build the embedding with sparse=False"
+            )
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.base.weight  # [num_embeddings, dim]
+
+    def set_dense_weight(self, weight: torch.Tensor) -> None:
+        """Write every row but the padding row, which keeps its original value exactly."""
+        table, padding_idx = self.base.weight, self.base.padding_idx
+        padding_row = None if padding_idx is None else table[padding_idx].clone()  # [dim]
+        table.copy_(weight)
+        if padding_row is not None:
+            table[padding_idx] = padding_row
+
+    @torch.no_grad()
+    def factorize(self) -> None:
+        """As :meth:`RosaLayer.factorize`; the padding row's factor row is zero, so it is never adapted."""
+        super().factorize()
+        if self.base.padding_idx is not None:
+            self.up[self.base.padding_idx] = 0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        result = base(ids)  # [..., dim]
+        h = F.embedding(ids, self.up, base.padding_idx)  # [..., R]; padding_idx: no gradient to that (zero) row
+        return result + (h @ self.down).to(result.dtype)  # [..., dim]
+
+
+def check_untied(model: nn.Module, name: str) -> None:
+    """Raise ``ValueError`` naming both modules if module ``name`` shares its weight with another.
+
+    Covers a module reachable under two names, a weight Parameter shared by two modules (e.g.
+    ``lm_head.weight is embed_tokens.weight``), and Hugging Face models whose
+    ``config.tie_word_embeddings`` ties the input and output embeddings. Adapting one side would
+    silently untie them, or leave the other side computing with ``W_res``.
+    """
+    module = model.get_submodule(name)
+    weight = module.weight
+    for other_name, other in model.named_modules(remove_duplicate=False):
+        if other_name != name and (other is module or getattr(other, "weight", None) is weight):
+            raise ValueError(
+                f"layer {name!r} shares its weight with {other_name!r} (tied weights); adapting it would untie "
+                f"them. Exclude {name!r} from target_modules, or untie the weights first"
+            )
+    pair = tied_embeddings(model)
+    if pair is not None and name in pair:
+        raise ValueError(
+            f"layer {name!r} is one of the tied input/output embeddings {pair[0]!r} and {pair[1]!r} "
+            "(config.tie_word_embeddings=True); adapting it would untie them. Exclude it from target_modules, "
+            "or untie the model first (separate weights and config.tie_word_embeddings=False)"
+        )
+
+
+def tied_embeddings(model: nn.Module) -> Optional[tuple[str, str]]:
+    """Names of the input and output embeddings that a Hugging Face config ties, or ``None``."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return None
+    try:
+        pair = (model.get_input_embeddings(), model.get_output_embeddings())
+    except (AttributeError, NotImplementedError):  # not a Hugging Face model, or one without word embeddings
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    if any(id(m) not in names for m in pair):
+        return None
+    return names[id(pair[0])], names[id(pair[1])]
+
+
+def check_adaptable(model: nn.Module, name: str) -> None:
+    """Raise ``ValueError`` naming the layer if ROSA cannot adapt module ``name`` of ``model``.
+
+    Checks the layer type's unsupported variants (e.g. an embedding with ``max_norm``) and tied
+    weights; the weight itself is checked by :func:`check_weight`.
+    """
+    module = model.get_submodule(name)
+    layer_class_for(module).check_variant(module, name)
+    check_untied(model, name)
+
+
 def is_supported(module: nn.Module) -> bool:
     """Whether ROSA can adapt this module type."""
     return layer_class_for(module) is not None
@@ -182,4 +317,8 @@ def layer_class_for(module: nn.Module) -> Optional[type[RosaLayer]]:
     conv1d = conv1d_type()
     if isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)):
         return RosaLinear
+    if isinstance(module, nn.Conv2d):
+        return RosaConv2d
+    if isinstance(module, nn.Embedding):
+        return RosaEmbedding
     return None

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import presets
 from .config import Patterns, RosaConfig, matches
-from .layers import RosaLayer, check_weight, is_supported, layer_class_for
+from .layers import RosaLayer, check_adaptable, check_weight, is_supported, layer_class_for
 from .schedule import reset_optimizer_state
 
 CONFIG_ATTR = "rosa_config"
@@ -86,6 +86,7 @@ def wrap(model: nn.Module, config: RosaConfig) -> nn.Module:
     saved = _find_saved(model, config)
     for name, module in targets:
         check_weight(module.weight, name)
+        check_adaptable(model, name)
 
     for param in model.parameters():
         param.requires_grad_(False)
