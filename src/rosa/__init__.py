@@ -1,5 +1,6 @@
 """rosa-peft: ROSA (Random Subspace Adaptation) fine-tuning for PyTorch and Hugging Face models."""
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RosaConfig
 from .layers import RosaConv2d, RosaEmbedding, RosaLayer, RosaLinear
 from .model import merge, parameter_report, print_trainable_parameters, resample, rosa_layers, wrap
@@ -14,11 +15,13 @@ __all__ = [
     "RosaLayer",
     "RosaLinear",
     "ResampleSchedule",
+    "load_checkpoint",
     "merge",
     "parameter_report",
     "print_trainable_parameters",
     "resample",
     "reset_optimizer_state",
     "rosa_layers",
+    "save_checkpoint",
     "wrap",
 ]

@@ -1,0 +1,301 @@
+"""Checkpoints: bitwise resume across resamples, atomic replacement, and clear errors on bad checkpoints."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import rosa
+from rosa import checkpoint
+from rosa.checkpoint import CheckpointError, checkpoint_metadata, load_checkpoint, save_checkpoint
+
+STEPS = 7
+RESAMPLE_EVERY = 3
+
+
+@pytest.fixture(autouse=True)
+def deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+
+
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)  # wte and lm_head are tied
+
+
+def mlp_loss(model: nn.Module, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step)
+    x, y = torch.randn(5, 6, generator=g), torch.randn(5, 3, generator=g)
+    return nn.functional.mse_loss(model(x), y)
+
+
+def gpt2_loss(model: nn.Module, step: int) -> torch.Tensor:
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(step))
+    return model(input_ids=ids, labels=ids).loss
+
+
+MODELS = {"mlp": (mlp, mlp_loss), "gpt2": (tiny_gpt2, gpt2_loss)}
+
+
+@dataclass
+class Run:
+    """One training run: a wrapped model with dropout, AdamW, an LR scheduler and a resample schedule."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    schedule: rosa.ResampleSchedule
+    loss_fn: object
+
+    @classmethod
+    def build(cls, kind: str, init_seed: int = 0, rank: int = 2) -> "Run":
+        make, loss_fn = MODELS[kind]
+        torch.manual_seed(init_seed)
+        model = rosa.wrap(make(), rosa.RosaConfig(rank=rank, dropout=0.1, seed=5))
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+        return cls(model, optimizer, scheduler, rosa.ResampleSchedule(every_steps=RESAMPLE_EVERY), loss_fn)
+
+    def train(self, start: int, stop: int) -> list[torch.Tensor]:
+        losses = []
+        for step in range(start, stop):
+            loss = self.loss_fn(self.model, step)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.schedule.step(self.model, self.optimizer)
+            losses.append(loss.detach())
+        return losses
+
+    def save(self, directory, step: int) -> None:
+        save_checkpoint(directory, self.model, self.optimizer, self.scheduler, self.schedule, extra={"step": step})
+
+    def load(self, directory) -> dict:
+        return load_checkpoint(directory, self.model, self.optimizer, self.scheduler, self.schedule)
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different}"
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gpt2"])
+@pytest.mark.parametrize("save_at", [2, RESAMPLE_EVERY])  # just before / just after the first resample
+def test_resume_is_bitwise_identical_across_a_resample(tmp_path, kind, save_at):
+    reference = Run.build(kind)
+    expected_losses = reference.train(0, STEPS)
+
+    first = Run.build(kind)
+    first.train(0, save_at)
+    first.save(tmp_path / "ckpt", save_at)
+    torch.manual_seed(1234)  # the resumed run must not depend on the RNG state at load time
+
+    resumed = Run.build(kind, init_seed=99)  # different initial weights: the checkpoint restores them
+    extra = resumed.load(tmp_path / "ckpt")
+    losses = resumed.train(extra["step"], STEPS)
+
+    assert extra == {"step": save_at}
+    assert all(torch.equal(a, b) for a, b in zip(losses, expected_losses[save_at:]))
+    assert_same_state(state(resumed.model), state(reference.model))
+    assert resumed.schedule.resample_points == reference.schedule.resample_points == [3, 6]
+    counts = [layer.resample_count for layer in rosa.rosa_layers(resumed.model).values()]
+    assert counts == [2] * len(counts)
+
+
+def test_tied_weights_are_stored_once_and_restored_to_both_names(tmp_path):
+    run = Run.build("gpt2")
+    run.save(tmp_path / "ckpt", 0)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "ckpt" / checkpoint.MODEL_FILE, "pt") as f:
+        keys = set(f.keys())
+    assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys
+    resumed = Run.build("gpt2", init_seed=7)
+    resumed.load(tmp_path / "ckpt")
+    assert resumed.model.lm_head.weight is resumed.model.transformer.wte.weight
+    assert_same_state(state(resumed.model), state(run.model))
+
+
+def test_metadata_describes_the_saved_model(tmp_path):
+    run = Run.build("mlp")
+    run.train(0, RESAMPLE_EVERY)
+    run.save(tmp_path / "ckpt", RESAMPLE_EVERY)
+    meta = checkpoint_metadata(tmp_path / "ckpt")
+    assert meta["config"] == run.model.rosa_config
+    assert [(m["name"], m["rank"], m["resample_count"]) for m in meta["layers"]] == [("0", 2, 1), ("2", 2, 1)]
+    assert meta["model_class"] == "torch.nn.modules.container.Sequential"
+
+
+# -- atomic replacement -----------------------------------------------------------------------------
+@pytest.fixture
+def saved_once(tmp_path):
+    """A checkpoint of step 1 at tmp_path/ckpt, plus the run that wrote it (trained further)."""
+    run = Run.build("mlp")
+    run.train(0, 1)
+    run.save(tmp_path / "ckpt", 1)
+    snapshot = state(run.model)
+    run.train(1, 2)
+    return run, tmp_path / "ckpt", snapshot
+
+
+def assert_loads_step_1(directory, snapshot) -> None:
+    fresh = Run.build("mlp", init_seed=3)
+    assert fresh.load(directory) == {"step": 1}
+    assert_same_state(state(fresh.model), snapshot)
+
+
+def test_exception_mid_save_keeps_the_previous_checkpoint(saved_once, monkeypatch):
+    run, directory, snapshot = saved_once
+    calls = []
+
+    def failing_save_file(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return torch_save_file(tensors, path)
+
+    torch_save_file = checkpoint.save_file
+    monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="simulated"):
+        run.save(directory, 2)
+    assert_loads_step_1(directory, snapshot)
+    assert sorted(p.name for p in directory.parent.iterdir()) == ["ckpt"]
+
+
+def test_crash_after_moving_the_old_checkpoint_aside_is_recovered(saved_once, monkeypatch):
+    run, directory, snapshot = saved_once
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if str(src).endswith(".tmp"):  # moving the new checkpoint into place
+            raise KeyboardInterrupt("killed (simulated)")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        run.save(directory, 2)
+    monkeypatch.setattr(checkpoint.os, "rename", real_rename)
+    assert not directory.exists()  # only the aside copy survived the "crash"
+    assert_loads_step_1(directory, snapshot)
+
+
+def test_stale_temp_dir_from_a_killed_save_is_ignored_then_cleaned(saved_once):
+    run, directory, snapshot = saved_once
+    stale = directory.parent / ".ckpt.abc123.tmp"
+    stale.mkdir()
+    (stale / checkpoint.MODEL_FILE).write_bytes(b"\x00" * 10)  # half-written
+    assert_loads_step_1(directory, snapshot)
+    run.save(directory, 2)
+    assert not stale.exists()
+    assert Run.build("mlp").load(directory) == {"step": 2}
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(CheckpointError, match="not a ROSA checkpoint"):
+        save_checkpoint(tmp_path, Run.build("mlp").model)
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+# -- bad checkpoints change nothing -----------------------------------------------------------------
+def snapshot_run(run: Run) -> tuple:
+    return state(run.model), repr(run.optimizer.state_dict()), run.scheduler.state_dict(), run.schedule.state_dict()
+
+
+def assert_rejected(run: Run, directory, match: str) -> None:
+    before = snapshot_run(run)
+    counts = [layer.resample_count for layer in rosa.rosa_layers(run.model).values()]
+    with pytest.raises(CheckpointError, match=match):
+        run.load(directory)
+    after = snapshot_run(run)
+    assert_same_state(after[0], before[0])
+    assert after[1:] == before[1:]
+    assert counts == [layer.resample_count for layer in rosa.rosa_layers(run.model).values()]
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A checkpoint after a resample, and a different run (trained 1 step) to load it into."""
+    run = Run.build("mlp")
+    run.train(0, 4)
+    run.save(tmp_path / "ckpt", 4)
+    target = Run.build("mlp", init_seed=1)
+    target.train(0, 1)
+    return tmp_path / "ckpt", target
+
+
+@pytest.mark.parametrize("name", [checkpoint.MANIFEST, checkpoint.MODEL_FILE, checkpoint.STATE_TENSORS])
+def test_missing_file(trained, name):
+    directory, target = trained
+    (directory / name).unlink()
+    assert_rejected(target, directory, f"{name}.* is missing")
+
+
+def test_corrupted_tensor_bytes(trained):
+    directory, target = trained
+    path = directory / checkpoint.MODEL_FILE
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert_rejected(target, directory, "model.safetensors.* is corrupted")
+
+
+def test_corrupted_json(trained):
+    directory, target = trained
+    (directory / checkpoint.MANIFEST).write_text('{"format_version": 1, "lay')
+    assert_rejected(target, directory, "not valid JSON")
+
+
+def test_different_rank_names_layer_and_shapes(trained):
+    directory, _ = trained
+    other = Run.build("mlp", rank=3)
+    assert_rejected(other, directory, r"(?s)ROSA layer '0': rank is 2 in the checkpoint, 3 in the model.*'0.up'")
+
+
+def test_different_layers_and_parameter_names(tmp_path, trained):
+    directory, _ = trained
+    torch.manual_seed(0)
+    model = rosa.wrap(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3), nn.Linear(3, 3)), rosa.RosaConfig(rank=2))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    before = state(model)
+    with pytest.raises(CheckpointError, match=r"(?s)ROSA layers only in the model: '3'.*tensors only in the model: '3.up', '3.down', '3.base.weight'"):
+        load_checkpoint(directory, model, optimizer)
+    assert_same_state(state(model), before)
+
+
+def test_mismatched_optimizer_leaves_the_model_unchanged(trained):
+    directory, target = trained
+    target.optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    assert_rejected(target, directory, "optimizer parameter groups")
+
+
+def test_missing_optimizer_state(tmp_path, trained):
+    _, target = trained
+    save_checkpoint(tmp_path / "model_only", Run.build("mlp").model)
+    assert_rejected(target, tmp_path / "model_only", "no optimizer state")
+
+
+def test_unstorable_extra_is_refused_before_writing(tmp_path):
+    with pytest.raises(TypeError, match="cannot store a object at 'extra.bad'"):
+        save_checkpoint(tmp_path / "ckpt", Run.build("mlp").model, extra={"bad": object()})
+    assert not (tmp_path / "ckpt").exists()
