@@ -1,0 +1,118 @@
+"""``RosaCallback``: ROSA resampling (and an optional LR re-warmup) inside ``transformers.Trainer``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..model import parameter_report, resample, rosa_layers
+from ..schedule import ResampleSchedule, base_optimizer
+
+logger = logging.getLogger("rosa")
+
+
+class RosaCallback(TrainerCallback):
+    """Resample a ROSA-wrapped model on a schedule during ``Trainer.train()``.
+
+    Give exactly one of ``every_steps`` (optimizer steps, i.e. ``state.global_step``) or
+    ``every_epochs``; the first ``warmup`` steps (or epochs) pass before the interval starts
+    counting. Each resample calls ``rosa.resample(model, optimizer)`` with the Trainer's optimizer
+    (accelerate's wrapper included), which clears the factors' optimizer state.
+
+    ``rewarmup_steps = n > 0`` ramps the learning rate back up after each resample: the j-th
+    optimizer step after it (j = 1..n) runs at ``j / (n + 1)`` times the scheduled LR of every
+    param group. The callback scales ``param_group["lr"]`` after the Trainer's scheduler step and
+    restores the scheduled value right after the optimizer step, before the scheduler steps again,
+    so any LR scheduler keeps seeing (and computing from) its own values. The ``learning_rate``
+    the Trainer logs is therefore the scheduled one, without the re-warmup factor.
+
+    Log entries appended to ``state.log_history`` (kept in ``trainer_state.json``):
+    ``{"rosa/trainable_params", "rosa/layers", "step"}`` at the start of training and
+    ``{"rosa/resamples", "rosa/trainable_params", "step", "epoch"}`` after every resample.
+    ``resample_steps`` lists the global steps at which resamples happened.
+    """
+
+    def __init__(
+        self,
+        every_steps: Optional[int] = None,
+        every_epochs: Optional[int] = None,
+        warmup: int = 0,
+        rewarmup_steps: int = 0,
+    ) -> None:
+        self.schedule = ResampleSchedule(every_steps=every_steps, every_epochs=every_epochs, warmup=warmup)
+        if isinstance(rewarmup_steps, bool) or not isinstance(rewarmup_steps, int) or rewarmup_steps < 0:
+            raise ValueError(f"RosaCallback.rewarmup_steps={rewarmup_steps!r} is invalid: use an int >= 0")
+        self.rewarmup_steps = rewarmup_steps
+        self.resample_steps: list[int] = []
+        self._ramp = 0  # j of the next optimizer step's factor j / (n + 1); 0 = no re-warmup running
+        self._scheduled_lrs: Optional[list[float]] = None  # group LRs before scaling, while scaled
+
+    # -- Trainer events --------------------------------------------------------------------------
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any
+    ) -> None:
+        layers = rosa_layers(model)
+        if not layers:
+            raise ValueError(
+                "RosaCallback: the Trainer's model has no ROSA layers; call rosa.wrap(model, config) "
+                "before creating the Trainer"
+            )
+        state.log_history.append(
+            {"rosa/trainable_params": parameter_report(model)["trainable"], "rosa/layers": len(layers),
+             "step": state.global_step}
+        )
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          optimizer: Any = None, **kwargs: Any) -> None:
+        self._restore_lrs(optimizer)
+        if self._ramp:
+            self._ramp = self._ramp + 1 if self._ramp < self.rewarmup_steps else 0
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: nn.Module = None, optimizer: Any = None, **kwargs: Any) -> None:
+        if self.schedule.unit == "step" and self.schedule.due(state.global_step):
+            self._resample(state, model, optimizer)
+        self._scale_lrs(optimizer)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     model: nn.Module = None, optimizer: Any = None, **kwargs: Any) -> None:
+        if self.schedule.unit == "epoch" and self.schedule.due(round(state.epoch or 0)):
+            self._resample(state, model, optimizer)
+            self._scale_lrs(optimizer)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     optimizer: Any = None, **kwargs: Any) -> None:
+        self._restore_lrs(optimizer)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _resample(self, state: TrainerState, model: nn.Module, optimizer: Any) -> None:
+        layers = resample(model, optimizer)
+        self.resample_steps.append(state.global_step)
+        self._ramp = 1 if self.rewarmup_steps else 0
+        state.log_history.append(
+            {"rosa/resamples": len(self.resample_steps), "rosa/trainable_params": parameter_report(model)["trainable"],
+             "step": state.global_step, "epoch": state.epoch}
+        )
+        logger.info("rosa: resampled %d layers at step %d", layers, state.global_step)
+
+    def _scale_lrs(self, optimizer: Any) -> None:
+        """Scale every group's LR for the next optimizer step while a re-warmup runs."""
+        self._restore_lrs(optimizer)
+        if not self._ramp:
+            return
+        factor = self._ramp / (self.rewarmup_steps + 1)
+        groups = base_optimizer(optimizer).param_groups
+        self._scheduled_lrs = [group["lr"] for group in groups]
+        for group in groups:
+            group["lr"] = group["lr"] * factor
+
+    def _restore_lrs(self, optimizer: Any) -> None:
+        """Put back the scheduled LRs saved by :meth:`_scale_lrs` (no-op when nothing is scaled)."""
+        if self._scheduled_lrs is None:
+            return
+        for group, lr in zip(base_optimizer(optimizer).param_groups, self._scheduled_lrs):
+            group["lr"] = lr
+        self._scheduled_lrs = None
