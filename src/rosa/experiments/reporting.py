@@ -56,6 +56,17 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], floatfm
     return "\n".join(lines)
 
 
+def write_markdown(path: str | Path, title: str, body: str, machine: dict[str, Any]) -> Path:
+    """Write a markdown report: a title, ``body`` and the machine/date line that produced it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    where = f"{machine['date']}, {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']}"
+    if machine.get("cuda"):
+        where += f", {machine['cuda']}"
+    path.write_text(f"# {title}\n\n{body}\n\nProduced {where}.\n")
+    return path
+
+
 def progress(iterable: Iterable, desc: str, total: int | None = None, **kwargs: Any) -> tqdm:
     """A tqdm progress bar on stderr (disabled when ``ROSA_NO_PROGRESS=1``)."""
     disable = os.environ.get("ROSA_NO_PROGRESS") == "1"

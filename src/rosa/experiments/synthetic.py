@@ -20,7 +20,7 @@ from torch import nn
 
 import rosa
 
-from .reporting import format_table, machine_info, new_figure, progress, save_figure, write_json
+from .reporting import format_table, machine_info, new_figure, progress, save_figure, write_json, write_markdown
 
 METHODS = ("full", "lora", "rosa", "rosa-top", "rosa-bottom")
 
@@ -246,7 +246,10 @@ def main(args: argparse.Namespace) -> dict:
         if value < 1:
             raise SystemExit(f"rosa synthetic: --{name} must be >= 1, got {value}")
     result = run(s, args.out)
-    print(format_table(summary_rows(result), TABLE_COLUMNS))
-    print(f"noise floor (target noise variance): {result['noise_floor_mse']:.4g}")
-    print(f"wrote {Path(args.out) / 'result.json'} and {Path(args.out) / 'synthetic.png'}")
+    table = format_table(summary_rows(result), TABLE_COLUMNS)
+    floor = f"Noise floor (target noise variance): {result['noise_floor_mse']:.4g}."
+    write_markdown(Path(args.out) / "summary.md", "rosa synthetic", f"{table}\n\n{floor}", result["machine"])
+    print(table)
+    print(floor)
+    print(f"wrote result.json, summary.md and synthetic.png to {args.out}")
     return result

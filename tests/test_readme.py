@@ -1,0 +1,30 @@
+"""The README's examples run, and its result tables are the ones the commands wrote."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def block_after(marker: str) -> str:
+    """The fenced code block (or table) that follows ``marker`` in the README."""
+    rest = README.split(marker, 1)[1]
+    fenced = re.match(r"\s*```\w*\n(.*?)```", rest, re.S)
+    if fenced:
+        return fenced.group(1)
+    return re.match(r"\s*((?:\|.*\n)+)", rest).group(1)
+
+
+def test_api_example_runs():
+    exec(compile(block_after("<!-- example:api -->"), "README-example", "exec"), {})
+
+
+def test_setup_command_pins_cpu_torch_before_the_package():
+    setup = block_after("<!-- ci:setup -->")
+    assert setup.index("torch==2.13.0") < setup.index('-e ".[all]"')
+
+
+def test_synthetic_table_is_the_one_the_command_wrote():
+    summary = (ROOT / "benchmarks/results/synthetic/summary.md").read_text()
+    assert block_after("<!-- results:synthetic -->").strip() in summary
