@@ -11,6 +11,7 @@ from torch import nn
 
 from . import presets
 from .config import Patterns, RosaConfig, matches
+from .distributed import check_wrappers
 from .layers import RosaLayer, check_adaptable, check_weight, is_supported, layer_class_for
 from .schedule import reset_optimizer_state
 
@@ -80,6 +81,7 @@ def wrap(model: nn.Module, config: RosaConfig) -> nn.Module:
     if not isinstance(config, RosaConfig):
         raise TypeError(f"config must be a rosa.RosaConfig, got {type(config).__name__}")
     config.validate()
+    check_wrappers(model, "wrap")
     if rosa_layers(model):
         raise ValueError("model already has ROSA layers; call rosa.merge(model) before wrapping again")
     targets = find_targets(model, config)
@@ -125,6 +127,7 @@ def resample(model: nn.Module, optimizer: Optional[Any] = None) -> int:
     Parameter objects keep their identity, so optimizers, schedulers and DDP keep working.
     Returns the number of layers resampled.
     """
+    check_wrappers(model, "resample")
     layers = rosa_layers(model)
     if not layers:
         raise ValueError("model has no ROSA layers; call rosa.wrap(model, config) first")
