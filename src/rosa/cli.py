@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 # subcommand -> (module under rosa.experiments, one-line help)
 SUBCOMMANDS = {
     "synthetic": ("synthetic", "the paper's linear theory experiment: full FT vs LoRA vs ROSA"),
+    "glue": ("glue", "fine-tune on a GLUE task: ROSA vs PEFT LoRA vs full fine-tuning"),
 }
 
 

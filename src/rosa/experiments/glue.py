@@ -1,0 +1,350 @@
+"""``rosa glue``: fine-tune a sequence classifier (or STS-B regressor) on a GLUE task.
+
+ROSA, PEFT LoRA (same targets and rank) and full fine-tuning run side by side with the same
+seed, data order, head initialisation, budget and max length; a plain PyTorch loop (AdamW,
+linear warmup then decay, gradient clipping) keeps runs fast and deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+import rosa
+
+from .glue_data import GlueSplit, TaskSpec, compute_glue_metrics, get_task_spec, load_glue_hub, main_score, read_glue_split
+from .methods import METHODS, classifier_head, count_trainable, finalize_model, prepare_model
+from .models import load_sequence_classifier, load_tokenizer
+from .reporting import format_table, machine_info, new_figure, progress, save_figure, write_json
+
+DEFAULT_LR = {"rosa": 1e-3, "lora": 1e-3, "full": 5e-5}
+WARMUP_FRACTION = 0.06  # of all optimizer steps, linear warmup from 0 then linear decay to 0
+MAX_GRAD_NORM = 1.0
+NO_DATA = ("no GLUE data given: pass --data-dir path/to/glue_data (the download_glue_data.py layout, "
+           "e.g. ../shared/data/glue), or --hub to download the nyu-mll/glue dataset")
+
+
+@dataclass
+class GlueSettings:
+    """Every knob of one ``rosa glue`` run. ``lr`` maps method -> learning rate."""
+
+    task: str = "RTE"
+    data_dir: Optional[str] = None
+    hub: bool = False
+    model: str = "minilm"
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    rank: int = 8
+    lr: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
+    epochs: int = 3
+    batch_size: int = 16
+    max_length: int = 128
+    resample_every: Optional[int] = None  # optimizer steps; None = once per epoch
+    seed: int = 0
+    selection: str = "random"
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+
+
+@dataclass
+class GlueData:
+    """Tokenized train and dev examples of one task, after any subsampling."""
+
+    spec: TaskSpec
+    train: list[dict[str, Any]]
+    dev: list[dict[str, Any]]
+    sizes: dict[str, Any]
+
+
+@dataclass
+class MethodRun:
+    """What training one method produced: the JSON-ready result and the merged, plain model."""
+
+    result: dict[str, Any]
+    model: nn.Module
+
+
+# -- data ---------------------------------------------------------------------------------------
+def read_split(s: GlueSettings, split: str) -> GlueSplit:
+    """A split from ``s.data_dir`` (or the hub with ``s.hub``); errors say how to point at the data."""
+    if s.data_dir is not None:
+        return read_glue_split(s.data_dir, s.task, split)
+    if s.hub:
+        return load_glue_hub(s.task, split)
+    raise ValueError(NO_DATA)
+
+
+def subsample(split: GlueSplit, limit: Optional[int], seed: int) -> GlueSplit:
+    """A seeded random subset of ``limit`` examples (in file order), or ``split`` itself."""
+    if limit is None or limit >= len(split):
+        return split
+    keep = sorted(random.Random(seed).sample(range(len(split)), limit))
+    return GlueSplit(
+        texts_a=[split.texts_a[i] for i in keep],
+        texts_b=None if split.texts_b is None else [split.texts_b[i] for i in keep],
+        labels=[split.labels[i] for i in keep],
+    )
+
+
+def tokenize(split: GlueSplit, tokenizer, max_length: int) -> list[dict[str, Any]]:
+    """One dict per example: unpadded ``input_ids`` (and friends) plus ``labels``."""
+    encoded = tokenizer(split.texts_a, split.texts_b, truncation=True, max_length=max_length)
+    keys = list(encoded.keys())
+    return [{**{k: encoded[k][i] for k in keys}, "labels": split.labels[i]} for i in range(len(split))]
+
+
+def load_data(s: GlueSettings, tokenizer) -> GlueData:
+    """Read, subsample (seeded) and tokenize the train and dev splits of ``s.task``."""
+    spec = get_task_spec(s.task)
+    train_full, dev_full = read_split(s, "train"), read_split(s, "dev")
+    train = subsample(train_full, s.max_train_samples, s.seed)
+    dev = subsample(dev_full, s.max_eval_samples, s.seed)
+    sizes = {"train_samples": len(train), "train_total": len(train_full),
+             "eval_samples": len(dev), "eval_total": len(dev_full),
+             "subsampled": len(train) < len(train_full) or len(dev) < len(dev_full)}
+    return GlueData(spec, tokenize(train, tokenizer, s.max_length), tokenize(dev, tokenizer, s.max_length), sizes)
+
+
+def batches(examples: list[dict[str, Any]], tokenizer, batch_size: int, regression: bool,
+            generator: Optional[torch.Generator] = None) -> torch.utils.data.DataLoader:
+    """Dynamically padded batches; shuffled when a ``generator`` is given."""
+    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        labels = torch.tensor([r["labels"] for r in rows], dtype=torch.float32 if regression else torch.long)
+        padded = tokenizer.pad([{k: v for k, v in r.items() if k != "labels"} for r in rows], return_tensors="pt")
+        return {**padded, "labels": labels}
+
+    return torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=generator is not None,
+                                       generator=generator, collate_fn=collate)
+
+
+# -- training -----------------------------------------------------------------------------------
+def device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def warmup_then_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``WARMUP_FRACTION`` of the steps, then linear decay to 0."""
+    warmup = max(1, round(WARMUP_FRACTION * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, spec: TaskSpec) -> dict[str, float]:
+    """The task's GLUE metrics on ``loader``, plus ``score`` (the task's main score)."""
+    model.eval()
+    predictions, labels = [], []
+    for batch in loader:
+        batch = {k: v.to(device()) for k, v in batch.items()}
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        predictions += logits.squeeze(-1).tolist() if spec.is_regression else logits.argmax(-1).tolist()
+        labels += batch["labels"].tolist()
+    metrics = compute_glue_metrics(spec.name, predictions, labels)
+    return {**metrics, "score": main_score(spec.name, metrics)}
+
+
+def peak_memory_mb() -> dict[str, Any]:
+    """Peak memory so far: CUDA allocated memory, or on CPU the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return {"mb": torch.cuda.max_memory_allocated() / 2**20, "kind": "torch.cuda.max_memory_allocated"}
+    return {"mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "kind": "process peak RSS (ru_maxrss): whole process so far, includes data and earlier methods"}
+
+
+def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokenizer,
+                 save_dir: Optional[Path] = None) -> MethodRun:
+    """Train one method on ``data``; dev metrics after every epoch; returns the result and merged model."""
+    spec = data.spec
+    torch.manual_seed(s.seed)  # same head init, LoRA init, dropout and data order for every method
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    model = load_sequence_classifier(s.model, spec.num_labels)
+    model = prepare_model(model, method, s.rank, selection=s.selection, seed=s.seed,
+                          modules_to_save=classifier_head(model)).to(device())
+    trainable = count_trainable(model)
+    train_loader = batches(data.train, tokenizer, s.batch_size, spec.is_regression,
+                           torch.Generator().manual_seed(s.seed))
+    dev_loader = batches(data.dev, tokenizer, 2 * s.batch_size, spec.is_regression)
+    total_steps = s.epochs * len(train_loader)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    scheduler = warmup_then_decay(optimizer, total_steps)
+    schedule = rosa.ResampleSchedule(every_steps=s.resample_every or len(train_loader)) if method == "rosa" else None
+
+    losses, epochs, resample_steps, step_times = [], [], [], []
+    resample_seconds = 0.0
+    start = time.perf_counter()
+    for epoch in range(1, s.epochs + 1):
+        model.train()
+        epoch_losses = []
+        for batch in progress(train_loader, desc=f"{spec.name} {method} epoch {epoch}/{s.epochs}"):
+            tick = time.perf_counter()
+            loss = model(**{k: v.to(device()) for k, v in batch.items()}).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_times.append(time.perf_counter() - tick)
+            epoch_losses.append(loss.item())
+            if schedule is not None and len(step_times) < total_steps:  # a resample after the last step is moot
+                tick = time.perf_counter()
+                if schedule.step(model, optimizer):
+                    resample_steps.append(len(step_times))
+                resample_seconds += time.perf_counter() - tick
+        losses += epoch_losses
+        epochs.append({"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses),
+                       "dev": evaluate(model, dev_loader, spec)})
+    wall = time.perf_counter() - start
+
+    model = finalize_model(model, method).eval()
+    if save_dir is not None:
+        model.save_pretrained(save_dir)
+        tokenizer.save_pretrained(save_dir)
+    result = {
+        "lr": lr,
+        "trainable_params": trainable,
+        "epochs": epochs,
+        "final_dev": epochs[-1]["dev"],
+        "final_score": epochs[-1]["dev"]["score"],
+        "train_loss_curve": losses,
+        "resample_steps": resample_steps,
+        "steps": total_steps,
+        "wall_seconds": wall,
+        "step_seconds_median": sorted(step_times)[len(step_times) // 2],
+        "resample_seconds": resample_seconds,
+        "peak_memory": peak_memory_mb(),
+        "saved_to": None if save_dir is None else str(save_dir),
+    }
+    return MethodRun(result, model)
+
+
+def run(s: GlueSettings, data: GlueData, tokenizer, out_dir: str | Path, save: bool = False) -> dict[str, Any]:
+    """Train every method of ``s`` on ``data``; write ``result.json`` and ``glue.png`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    methods = {
+        m: train_method(m, s.lr[m], s, data, tokenizer, out_dir / f"model-{m}" if save else None).result
+        for m in s.methods
+    }
+    result = {
+        "experiment": "glue",
+        "task": data.spec.name,
+        "settings": asdict(s),
+        "data": data.sizes,
+        "methods": methods,
+        "machine": machine_info(),
+    }
+    write_json(out_dir / "result.json", result)
+    plot(result, out_dir / "glue.png")
+    return result
+
+
+# -- reporting ----------------------------------------------------------------------------------
+def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One table row per method: dev metrics of the last epoch, budget and time."""
+    rows = []
+    for name, r in result["methods"].items():
+        rows.append({"method": name, "lr": r["lr"], "trainable params": r["trainable_params"], **r["final_dev"],
+                     "resamples": len(r["resample_steps"]), "seconds": r["wall_seconds"],
+                     "ms/step": 1000 * r["step_seconds_median"]})
+    return rows
+
+
+def table_columns(result: dict[str, Any]) -> list[str]:
+    """Columns of :func:`summary_rows` for this task's metrics."""
+    metrics = list(get_task_spec(result["task"]).metrics)
+    return ["method", "lr", "trainable params", *metrics, "score", "resamples", "seconds", "ms/step"]
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Mean train loss and dev score per epoch, one line per method."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_loss, ax_score) = new_figure(2)
+    for name, r in result["methods"].items():
+        epochs = [e["epoch"] for e in r["epochs"]]
+        ax_loss.plot(epochs, [e["train_loss"] for e in r["epochs"]], "o-", label=name)
+        ax_score.plot(epochs, [e["dev"]["score"] for e in r["epochs"]], "o-", label=name)
+    task = result["task"]
+    for ax in (ax_loss, ax_score):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_loss.set(xlabel="epoch", ylabel="mean train loss", title=f"{task}: train loss")
+    ax_score.set(xlabel="epoch", ylabel="dev score", title=f"{task}: dev {'/'.join(get_task_spec(task).main_metrics)}")
+    ax_loss.legend()
+    ax_score.legend()
+    return save_figure(fig, path)
+
+
+# -- command line -------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Command-line options of ``rosa glue``."""
+    d = GlueSettings()
+    parser.add_argument("--task", required=True, help="GLUE task: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI or RTE")
+    parser.add_argument("--data-dir", help="glue_data/ folder (download_glue_data.py layout), e.g. ../shared/data/glue")
+    parser.add_argument("--hub", action="store_true", help="load the task from the nyu-mll/glue hub dataset (network)")
+    parser.add_argument("--model", default=d.model, help="local folder, hub id, or 'minilm' (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=d.methods)
+    parser.add_argument("--rank", type=int, default=d.rank, help="ROSA/LoRA rank (default: %(default)s)")
+    parser.add_argument("--lr", type=float, help="learning rate for every method (default: "
+                        + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example after truncation")
+    parser.add_argument("--resample-every", type=int, help="optimizer steps between ROSA resamples (default: once per epoch)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--selection", choices=("random", "top", "bottom"), default=d.selection,
+                        help="which singular vectors ROSA trains (default: %(default)s)")
+    parser.add_argument("--max-train-samples", type=int, help="train on a seeded random subset of this size")
+    parser.add_argument("--max-eval-samples", type=int, help="evaluate on a seeded random subset of this size")
+    parser.add_argument("--out", help="output folder (default: runs/glue/TASK)")
+    parser.add_argument("--save", action="store_true", help="save each merged model (save_pretrained) to OUT/model-METHOD")
+
+
+def settings_from_args(args: argparse.Namespace) -> GlueSettings:
+    """Validated settings from parsed arguments; raises ``ValueError`` naming a bad option."""
+    spec = get_task_spec(args.task)
+    for name in ("rank", "epochs", "batch_size", "max_length", "resample_every", "max_train_samples", "max_eval_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.data_dir is None and not args.hub:
+        raise ValueError(NO_DATA)
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    lr = {m: args.lr if args.lr is not None else DEFAULT_LR[m] for m in METHODS}
+    return GlueSettings(
+        task=spec.name, data_dir=args.data_dir, hub=args.hub, model=args.model, methods=list(dict.fromkeys(args.methods)),
+        rank=args.rank, lr=lr, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
+        resample_every=args.resample_every, seed=args.seed, selection=args.selection,
+        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+    )
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Entry point of ``rosa glue``; bad options or data exit with a message naming the problem."""
+    try:
+        s = settings_from_args(args)
+        tokenizer = load_tokenizer(s.model)
+        data = load_data(s, tokenizer)
+    except (ValueError, OSError, ImportError, RuntimeError) as err:  # options, data files, model, hub
+        raise SystemExit(f"rosa glue: {err}") from None
+    out = Path(args.out) if args.out else Path("runs/glue") / s.task
+    result = run(s, data, tokenizer, out, save=args.save)
+    print(format_table(summary_rows(result), table_columns(result)))
+    sizes = result["data"]
+    print(f"train {sizes['train_samples']}/{sizes['train_total']} examples, dev {sizes['eval_samples']}/{sizes['eval_total']}")
+    print(f"wrote {out / 'result.json'} and {out / 'glue.png'}")
+    return result

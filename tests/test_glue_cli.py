@@ -1,0 +1,128 @@
+"""``rosa glue`` end to end on real RTE data and MiniLM (tiny budgets), and its error messages."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["ROSA_NO_PROGRESS"] = "1"
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from rosa.cli import main  # noqa: E402
+from rosa.experiments import glue  # noqa: E402
+
+SHARED_DATA = Path(os.environ.get("ROSA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+GLUE_DIR = SHARED_DATA / "glue"
+needs_glue = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").is_file(),
+                                reason=f"GLUE data not found under {GLUE_DIR} (set ROSA_SHARED_DATA)")
+TINY = ["--max-train-samples", "16", "--max-eval-samples", "16", "--max-length", "32", "--epochs", "1",
+        "--batch-size", "4"]
+
+
+def run_cli(*argv: str) -> int:
+    return main(["glue", *argv])
+
+
+@pytest.mark.real_model
+@needs_glue
+def test_rte_end_to_end_for_all_methods(tmp_path, capsys):
+    out = tmp_path / "rte"
+    assert run_cli("--task", "rte", "--data-dir", str(GLUE_DIR), *TINY, "--resample-every", "2",
+                   "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "| rosa |" in printed and "| lora |" in printed and "| full |" in printed
+    assert (out / "glue.png").stat().st_size > 0
+    result = json.loads((out / "result.json").read_text())
+
+    assert result["task"] == "RTE"
+    assert result["data"] == {"train_samples": 16, "train_total": 2490, "eval_samples": 16, "eval_total": 277,
+                              "subsampled": True}
+    assert result["settings"]["max_length"] == 32 and result["machine"]["torch"] == torch.__version__
+    methods = result["methods"]
+    assert list(methods) == ["rosa", "lora", "full"]
+    for name, r in methods.items():
+        assert r["steps"] == 4 and len(r["train_loss_curve"]) == 4
+        assert [e["epoch"] for e in r["epochs"]] == [1]
+        assert set(r["final_dev"]) == {"accuracy", "score"} and 0 <= r["final_score"] <= 1
+        assert r["wall_seconds"] > 0 and r["peak_memory"]["mb"] > 0
+    assert methods["rosa"]["resample_steps"] == [2]  # the one due at the last step (4) is skipped
+    assert methods["lora"]["resample_steps"] == methods["full"]["resample_steps"] == []
+    assert methods["rosa"]["trainable_params"] == methods["lora"]["trainable_params"]
+    assert methods["rosa"]["trainable_params"] < methods["full"]["trainable_params"] / 50
+    assert methods["rosa"]["lr"] == glue.DEFAULT_LR["rosa"] and methods["full"]["lr"] == glue.DEFAULT_LR["full"]
+
+
+RELOAD = textwrap.dedent("""
+    import sys, torch
+    from transformers import AutoModelForSequenceClassification
+    inputs = torch.load(sys.argv[1])
+    logits = {}
+    for folder in sys.argv[3:]:
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        with torch.no_grad():
+            logits[folder] = model(**inputs).logits
+    assert not any(name == "rosa" or name.startswith(("rosa.", "peft")) for name in sys.modules), "rosa/peft imported"
+    torch.save(logits, sys.argv[2])
+""")
+
+
+@pytest.mark.real_model
+@needs_glue
+def test_saved_merged_models_reload_with_plain_transformers(tmp_path):
+    settings = glue.GlueSettings(task="RTE", data_dir=str(GLUE_DIR), epochs=1, batch_size=4, max_length=32,
+                                 max_train_samples=8, max_eval_samples=4, resample_every=1)
+    tokenizer = glue.load_tokenizer(settings.model)
+    data = glue.load_data(settings, tokenizer)
+    inputs = dict(tokenizer(["A cat sat on the mat.", "Dogs bark"], ["A cat is sitting.", "Cats meow loudly"],
+                            padding=True, return_tensors="pt"))
+    expected = {}
+    for method in ("rosa", "lora"):
+        folder = str(tmp_path / method)
+        run = glue.train_method(method, 1e-2, settings, data, tokenizer, save_dir=Path(folder))
+        assert run.result["saved_to"] == folder
+        with torch.no_grad():
+            expected[folder] = run.model(**inputs).logits
+    torch.save(inputs, tmp_path / "inputs.pt")
+    subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "inputs.pt"), str(tmp_path / "logits.pt"),
+                    *expected], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    reloaded = torch.load(tmp_path / "logits.pt")
+    for folder, logits in expected.items():
+        assert torch.equal(reloaded[folder], logits), folder
+    assert (tmp_path / "rosa" / "tokenizer.json").is_file()
+
+
+def test_unknown_task_lists_the_tasks(capsys):
+    with pytest.raises(SystemExit, match=r"unknown GLUE task 'XNLI'; known tasks: CoLA, SST-2, MRPC, STS-B"):
+        run_cli("--task", "XNLI", "--data-dir", "unused")
+
+
+def test_missing_data_dir_says_how_to_pass_it():
+    with pytest.raises(SystemExit, match="pass --data-dir"):
+        run_cli("--task", "RTE", "--model", "not-loaded-options-are-checked-first")
+
+
+def test_bad_option_is_named():
+    with pytest.raises(SystemExit, match="--epochs must be >= 1, got 0"):
+        run_cli("--task", "RTE", "--data-dir", "unused", "--epochs", "0")
+
+
+@pytest.mark.real_model
+def test_malformed_tsv_names_file_and_line(tmp_path):
+    task_dir = tmp_path / "RTE"
+    task_dir.mkdir()
+    header = "index\tsentence1\tsentence2\tlabel\n"
+    (task_dir / "train.tsv").write_text(header + "0\tA\tB\tentailment\n1\tonly two\tcolumns\n")
+    (task_dir / "dev.tsv").write_text(header + "0\tA\tB\tentailment\n")
+    with pytest.raises(SystemExit, match=rf"{task_dir / 'train.tsv'}: line 3: expected at least 4"):
+        run_cli("--task", "RTE", "--data-dir", str(tmp_path))
+    (task_dir / "train.tsv").write_text(header + "0\tA\tB\tmaybe\n")
+    with pytest.raises(SystemExit, match=r"train.tsv: line 2: label 'maybe' is not one of"):
+        run_cli("--task", "RTE", "--data-dir", str(tmp_path))
