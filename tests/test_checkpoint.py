@@ -19,10 +19,13 @@ RESAMPLE_EVERY = 3
 
 @pytest.fixture(autouse=True)
 def deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
+    """Deterministic kernels, on one thread (small SVDs are much faster so on a shared, busy CPU)."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
     yield
-    torch.use_deterministic_algorithms(previous)
+    torch.use_deterministic_algorithms(previous[0])
+    torch.set_num_threads(previous[1])
 
 
 def mlp() -> nn.Module:
