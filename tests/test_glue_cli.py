@@ -126,3 +126,17 @@ def test_malformed_tsv_names_file_and_line(tmp_path):
     (task_dir / "train.tsv").write_text(header + "0\tA\tB\tmaybe\n")
     with pytest.raises(SystemExit, match=r"train.tsv: line 2: label 'maybe' is not one of"):
         run_cli("--task", "RTE", "--data-dir", str(tmp_path))
+
+
+def test_length_grouped_batches_cover_every_example_once_and_reshuffle():
+    lengths = [(7 * i) % 23 for i in range(100)]
+    sampler = glue.LengthGroupedBatches(lengths, 8, torch.Generator().manual_seed(0))
+    first, second = list(sampler), list(sampler)
+    assert len(first) == len(sampler) == 13
+    for epoch in (first, second):
+        assert sorted(i for batch in epoch for i in batch) == list(range(100))
+    assert first != second  # a new order every epoch
+    again = list(glue.LengthGroupedBatches(lengths, 8, torch.Generator().manual_seed(0)))
+    assert again == first  # but reproducible from the seed
+    evaluation = [i for batch in glue.LengthGroupedBatches(lengths, 8) for i in batch]
+    assert [lengths[i] for i in evaluation] == sorted(lengths)

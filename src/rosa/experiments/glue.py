@@ -113,16 +113,45 @@ def load_data(s: GlueSettings, tokenizer) -> GlueData:
     return GlueData(spec, tokenize(train, tokenizer, s.max_length), tokenize(dev, tokenizer, s.max_length), sizes)
 
 
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of indices of similar-length examples, so dynamic padding wastes little compute.
+
+    Training (a ``generator`` given): each epoch shuffles, sorts windows of ``WINDOW_BATCHES``
+    batches by length, cuts batches and shuffles their order. Evaluation: sorted by length.
+    """
+
+    WINDOW_BATCHES = 50
+
+    def __init__(self, lengths: list[int], batch_size: int, generator: Optional[torch.Generator] = None) -> None:
+        self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        by_length = self.lengths.__getitem__
+        if self.generator is None:
+            order = sorted(range(len(self.lengths)), key=by_length)
+        else:
+            order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+            window = self.WINDOW_BATCHES * self.batch_size
+            order = [i for w in range(0, len(order), window) for i in sorted(order[w:w + window], key=by_length)]
+        chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.generator is not None:
+            chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=self.generator).tolist()]
+        return iter(chunks)
+
+
 def batches(examples: list[dict[str, Any]], tokenizer, batch_size: int, regression: bool,
             generator: Optional[torch.Generator] = None) -> torch.utils.data.DataLoader:
-    """Dynamically padded batches; shuffled when a ``generator`` is given."""
+    """Dynamically padded, length-grouped batches; shuffled when a ``generator`` is given."""
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         labels = torch.tensor([r["labels"] for r in rows], dtype=torch.float32 if regression else torch.long)
         padded = tokenizer.pad([{k: v for k, v in r.items() if k != "labels"} for r in rows], return_tensors="pt")
         return {**padded, "labels": labels}
 
-    return torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=generator is not None,
-                                       generator=generator, collate_fn=collate)
+    sampler = LengthGroupedBatches([len(e["input_ids"]) for e in examples], batch_size, generator)
+    return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collate)
 
 
 # -- training -----------------------------------------------------------------------------------

@@ -1,0 +1,49 @@
+"""The GLUE benchmark script on its ``--tiny`` budget (real MiniLM and real GLUE files)."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["ROSA_NO_PROGRESS"] = "1"
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ROSA_SHARED_DATA", REPO.parent / "shared" / "data"))
+GLUE_DIR = SHARED_DATA / "glue"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("glue_table", REPO / "benchmarks" / "glue_table.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").is_file(), reason=f"GLUE data not found under {GLUE_DIR}")
+def test_tiny_budget_writes_json_and_markdown(tmp_path):
+    bench = load_benchmark()
+    report = bench.main(["--tiny", "--tasks", "rte", "sts-b", "--data-dir", str(GLUE_DIR), "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "glue.json").read_text())
+    assert saved["complete"] and saved["budget_name"] == "tiny" and list(saved["tasks"]) == ["RTE", "STS-B"]
+    grid = bench.BUDGETS["tiny"].lr_grid
+    for task in saved["tasks"].values():
+        assert task["data"]["train_samples"] == 16 and task["data"]["subsampled"]
+        for method, runs in task["runs"].items():
+            assert sorted(runs) == sorted(f"{lr:g}" for lr in grid[method])
+            best = max(runs.values(), key=lambda r: r["final_score"])
+            assert task["chosen"][method]["lr"] == best["lr"]
+    assert set(saved["targets"]) >= {"rosa_ge_lora_on_3_of_4_tasks", "rosa_within_1_point_of_full"}
+    assert saved["average"] == report["average"]
+    md = (tmp_path / "glue.md").read_text()
+    assert "| method | RTE | STS-B | average | trainable params |" in md
+    assert "Status: **complete**." in md and "**Subsampled**" in md and "Chosen learning rates:" in md
+    assert "| rosa |" in md and "| lora |" in md and "| full |" in md
