@@ -215,6 +215,30 @@ def test_refuses_what_lora_cannot_express(tmp_path, gpt2_pair):
     assert not (tmp_path / "x").exists()
 
 
+def test_parameter_of_a_module_holding_lora_layers_is_refused(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 4))
+    base.register_parameter("scale", nn.Parameter(torch.ones(4)))
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned[0].weight[0, 0] += 1.0
+        tuned.scale.mul_(2.0)
+    with pytest.raises(ValueError, match=r"\['scale'\] of 'the root module' changed, but that module contains LoRA layers"):
+        export_lora(base, tuned, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_rounding_only_changes_are_dropped(tmp_path, gpt2_pair):
+    base, tuned = gpt2_pair
+    nudged = copy.deepcopy(tuned)
+    weight = nudged.transformer.h[0].mlp.c_fc.weight
+    with torch.no_grad():
+        weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(9.0))
+    report = export_lora(base, nudged, tmp_path / "adapter")
+    assert list(report["dropped"]) == ["transformer.h.0.mlp.c_fc"]
+    assert "transformer.h.0.mlp.c_fc" not in report["layers"]
+
+
 def test_sequence_classifier_with_an_unchanged_head(tmp_path):
     """PEFT adds the SEQ_CLS head to modules_to_save by itself, so the adapter must carry it even unchanged."""
     from transformers import BertConfig, BertForSequenceClassification

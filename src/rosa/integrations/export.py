@@ -258,30 +258,15 @@ def export_lora(
     changed = changed_tensors(base_model, tuned_model)
     if not changed:
         raise ValueError("tuned_model equals base_model; there is nothing to export")
-    saved: dict[str, str] = {}
-    lora: dict[str, str] = {}
-    for owner, locals_ in changed.items():
-        reason = _save_reason(tuned_model, owner, locals_, target_modules, modules_to_save)
-        if reason is None:
-            lora[owner] = lora_kind(tuned_model.get_submodule(owner))
-        else:
-            saved[owner] = reason
+    lora, saved = _split(tuned_model, changed, target_modules, modules_to_save)
     factors, layers, dropped = _factorize_all(base_model, tuned_model, lora, rank, tolerance)
-    for name in dropped:
-        del lora[name]
-        if "bias" in changed[name]:
-            saved[name] = "weight change is only float rounding, bias changed"
-    lora_bias = any("bias" in changed[name] for name in lora)
-    for name in [n for n, kind in lora.items() if kind == "embedding" and lora_bias]:
-        saved[name] = "PEFT's lora_bias (needed for other layers' bias changes) does not support embeddings"
-        del lora[name], layers[name]
-    saved = _outermost({**_task_heads(tuned_model, task_type(tuned_model)), **saved})
-    _check_saved(tuned_model, saved, lora, changed)
+    lora, saved, lora_bias = _settle(tuned_model, lora, saved, dropped, changed)
     if not lora:
         raise ValueError(f"no change can be expressed as LoRA (saved whole: {saved}); keep the merged model instead")
 
     tensors = _adapter_tensors(base_model, tuned_model, lora, factors, lora_bias, saved)
-    config = _lora_config(tuned_model, lora, layers, saved, lora_bias, base_model_name_or_path or getattr(base_model, "name_or_path", None))
+    name_or_path = base_model_name_or_path or getattr(base_model, "name_or_path", None)
+    config = _lora_config(tuned_model, lora, layers, saved, lora_bias, name_or_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out_dir))
@@ -296,6 +281,43 @@ def export_lora(
         "dropped": dropped,
         "max_relative_error": max(layers[name]["relative_error"] for name in lora),
     }
+
+
+def _split(
+    model: nn.Module, changed: dict[str, list[str]], target_modules: Patterns, modules_to_save: Patterns
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Changed modules that become LoRA (name -> kind) and those saved whole (name -> reason)."""
+    lora, saved = {}, {}
+    for owner, locals_ in changed.items():
+        reason = _save_reason(model, owner, locals_, target_modules, modules_to_save)
+        if reason is None:
+            lora[owner] = lora_kind(model.get_submodule(owner))
+        else:
+            saved[owner] = reason
+    return lora, saved
+
+
+def _settle(
+    model: nn.Module, lora: dict[str, str], saved: dict[str, str], dropped: dict[str, str], changed: dict[str, list[str]]
+) -> tuple[dict[str, str], dict[str, str], bool]:
+    """Final LoRA layers and saved modules, and whether ``lora_bias`` is needed, after the SVDs.
+
+    A dropped layer (rounding-only weight change) with a changed bias is saved whole; so are
+    embeddings when ``lora_bias`` is on (PEFT does not support it for them).
+    """
+    saved = dict(saved)
+    for name in dropped:
+        if "bias" in changed[name]:
+            saved[name] = "weight change is only float rounding, bias changed"
+    lora = {n: kind for n, kind in lora.items() if n not in dropped}
+    lora_bias = any("bias" in changed[n] for n in lora)
+    if lora_bias:
+        for name in [n for n, kind in lora.items() if kind == "embedding"]:
+            saved[name] = "PEFT's lora_bias (needed for other layers' bias changes) does not support embeddings"
+            del lora[name]
+    saved = _outermost({**_task_heads(model, task_type(model)), **saved})
+    _check_saved(model, saved, lora, changed)
+    return lora, saved, lora_bias
 
 
 def _check_limits(rank: Optional[int], tolerance: Optional[float]) -> None:
