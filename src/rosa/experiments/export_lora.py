@@ -25,14 +25,14 @@ REPORT_FILE = "export_report.json"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``rosa export-lora``."""
-    parser.add_argument("--base", required=True, help="the original model: a folder, hub id, or alias (minilm, smollm2)")
-    parser.add_argument("--tuned", required=True, help="a merged model folder (save_pretrained) or a ROSA checkpoint folder")
-    parser.add_argument("--out", required=True, type=Path, help="adapter folder to write")
+    parser.add_argument("--base", required=True, metavar="ORIGINAL", help="the original model: a folder, hub id, or alias (minilm, smollm2)")
+    parser.add_argument("--tuned", required=True, metavar="MERGED_OR_CHECKPOINT", help="a merged model folder (save_pretrained) or a ROSA checkpoint folder")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="adapter folder to write")
     limit = parser.add_mutually_exclusive_group()
-    limit.add_argument("--rank", type=int, help="cap every layer's LoRA rank at K (exact if K >= the delta's rank)")
-    limit.add_argument("--tolerance", type=float, help="smallest rank per layer with relative Frobenius error <= EPS")
-    parser.add_argument("--target-modules", nargs="+", help="only these changed layers become LoRA (names or suffixes)")
-    parser.add_argument("--modules-to-save", nargs="+", help="also save these modules whole (names or suffixes)")
+    limit.add_argument("--rank", type=int, metavar="K", help="cap every layer's LoRA rank at K (exact if K >= the delta's rank)")
+    limit.add_argument("--tolerance", type=float, metavar="EPS", help="smallest rank per layer with relative Frobenius error <= EPS")
+    parser.add_argument("--target-modules", nargs="+", metavar="NAME", help="only these changed layers become LoRA (names or suffixes)")
+    parser.add_argument("--modules-to-save", nargs="+", metavar="NAME", help="also save these modules whole (names or suffixes)")
 
 
 def model_class(name: str) -> Any:
