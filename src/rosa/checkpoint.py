@@ -289,8 +289,9 @@ def _listed(names: list[str]) -> str:
 
 def _key_problems(what: str, saved: list[str], current: list[str]) -> list[str]:
     problems = []
-    only_saved = [n for n in saved if n not in set(current)]
-    only_current = [n for n in current if n not in set(saved)]
+    saved_set, current_set = set(saved), set(current)
+    only_saved = [n for n in saved if n not in current_set]
+    only_current = [n for n in current if n not in saved_set]
     if only_saved:
         problems.append(f"{what} only in the checkpoint: {_listed(only_saved)}")
     if only_current:
