@@ -8,6 +8,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .subspace import SVD_METHODS
+
 SELECTIONS = ("random", "top", "bottom")
 FACTOR_DTYPES = {
     None: None,
@@ -44,6 +46,12 @@ class RosaConfig:
     modules_to_save: modules trained fully (e.g. a classifier head), same pattern forms.
     factor_dtype: dtype of the trainable factors (``None`` = the base weight's dtype), e.g.
         ``"float32"`` factors over bfloat16 base weights.
+    svd: how wrap and resample compute singular vectors. ``full`` (default): the exact SVD.
+        ``randomized``: a randomized range finder that computes only the leading R triplets, much
+        faster on large layers; they are approximate, but the residual ``W - up @ down`` stays
+        exact, so the layer's function is still preserved. It applies to ``selection="top"`` with
+        R <= min(out, in)/4 - 10; ``random`` and ``bottom`` need trailing singular vectors, so they
+        (and larger ranks) use the exact SVD whatever this says.
     """
 
     rank: Union[int, float] = 8
@@ -55,6 +63,7 @@ class RosaConfig:
     train_bias: bool = False
     modules_to_save: Patterns = None
     factor_dtype: Union[None, str, torch.dtype] = None
+    svd: str = "full"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -81,6 +90,8 @@ class RosaConfig:
             _check_patterns(name, getattr(self, name))
         if self.factor_dtype not in FACTOR_DTYPES:
             raise _invalid("factor_dtype", self.factor_dtype, "use None, 'float32', 'bfloat16' or 'float16'")
+        if self.svd not in SVD_METHODS:
+            raise _invalid("svd", self.svd, f"choose one of {', '.join(SVD_METHODS)}")
 
     @property
     def factor_torch_dtype(self) -> Optional[torch.dtype]:

@@ -72,6 +72,8 @@ class RosaLayer(nn.Module):
         seed: int = 0,
         dropout: float = 0.0,
         factor_dtype: Optional[torch.dtype] = None,
+        svd: str = "full",
+        defer_factorize: bool = False,
     ) -> None:
         super().__init__()
         check_weight(base.weight, name)
@@ -82,6 +84,7 @@ class RosaLayer(nn.Module):
         self.rank = resolve_rank(rank, out_features, in_features, name)
         self.selection = selection
         self.seed = seed
+        self.svd = svd
         self.resample_count = 0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         base.weight.requires_grad_(False)
@@ -89,7 +92,8 @@ class RosaLayer(nn.Module):
         dtype = factor_dtype or weight.dtype
         self.up = nn.Parameter(torch.zeros(out_features, self.rank, dtype=dtype, device=weight.device))
         self.down = nn.Parameter(torch.zeros(self.rank, in_features, dtype=dtype, device=weight.device))
-        self.factorize()
+        if not defer_factorize:  # deferred: zero factors (the base function) until a batched factorize
+            self.factorize()
 
     @classmethod
     def check_variant(cls, base: nn.Module, name: str) -> None:
@@ -105,11 +109,19 @@ class RosaLayer(nn.Module):
         raise NotImplementedError
 
     # -- lifecycle -------------------------------------------------------------------------------
+    def subspace_generator(self) -> torch.Generator:
+        """The generator of this layer's current index set: depends on (seed, name, resample count) only."""
+        return subspace.layer_generator(self.seed, self.name, self.resample_count)
+
     @torch.no_grad()
     def factorize(self) -> None:
         """Move a fresh subspace of the base weight into the factors; the layer's function is unchanged."""
-        generator = subspace.layer_generator(self.seed, self.name, self.resample_count)
-        up, down, residual = subspace.factorize(self.dense_weight(), self.rank, self.selection, generator)
+        factors = subspace.factorize(self.dense_weight(), self.rank, self.selection, self.subspace_generator(), self.svd)
+        self.load_factors(*factors)
+
+    @torch.no_grad()
+    def load_factors(self, up: torch.Tensor, down: torch.Tensor, residual: torch.Tensor) -> None:
+        """Install a factorization of the current base weight: ``residual [out, in]`` into the base, the factors into ``up``/``down``."""
         self.set_dense_weight(residual)
         self.up.copy_(up)
         self.down.copy_(down)
@@ -121,11 +133,15 @@ class RosaLayer(nn.Module):
         self.up.zero_()
         self.down.zero_()
 
-    def resample(self) -> None:
-        """Fold the factors into the base weight, then factorize a newly drawn subspace."""
+    def resample(self, defer_factorize: bool = False) -> None:
+        """Fold the factors into the base weight, then factorize a newly drawn subspace.
+
+        ``defer_factorize=True`` stops after the fold (zero factors), for a batched factorize of many layers.
+        """
         self.fold()
         self.resample_count += 1
-        self.factorize()
+        if not defer_factorize:
+            self.factorize()
 
     def merge(self) -> nn.Module:
         """Fold the factors in and return the plain base layer (this wrapper must not be used again)."""
@@ -242,9 +258,9 @@ class RosaEmbedding(RosaLayer):
             table[padding_idx] = padding_row
 
     @torch.no_grad()
-    def factorize(self) -> None:
-        """As :meth:`RosaLayer.factorize`; the padding row's factor row is zero, so it is never adapted."""
-        super().factorize()
+    def load_factors(self, up: torch.Tensor, down: torch.Tensor, residual: torch.Tensor) -> None:
+        """As :meth:`RosaLayer.load_factors`; the padding row's factor row is zero, so it is never adapted."""
+        super().load_factors(up, down, residual)
         if self.base.padding_idx is not None:
             self.up[self.base.padding_idx] = 0
 

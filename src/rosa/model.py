@@ -5,17 +5,21 @@ No linear algebra lives here: the layers own the math.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, Iterable, Optional
 
+import torch
 from torch import nn
 
-from . import presets
+from . import presets, subspace
 from .config import Patterns, RosaConfig, matches
 from .distributed import check_wrappers
 from .layers import RosaLayer, check_adaptable, check_weight, is_supported, layer_class_for
 from .schedule import reset_optimizer_state
 
 CONFIG_ATTR = "rosa_config"
+# Most float32 weight bytes stacked into one batched SVD: bounds the extra memory of wrap and resample.
+GROUP_BYTES = 2**28
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -101,10 +105,13 @@ def wrap(model: nn.Module, config: RosaConfig) -> nn.Module:
             seed=config.seed,
             dropout=config.dropout,
             factor_dtype=config.factor_torch_dtype,
+            svd=config.svd,
+            defer_factorize=True,
         )
         if config.train_bias and module.bias is not None:
             module.bias.requires_grad_(True)
         _set_submodule(model, name, layer)
+    factorize_layers(rosa_layers(model).values())
     for module in saved:
         module.requires_grad_(True)
     setattr(model, CONFIG_ATTR, config)
@@ -132,10 +139,44 @@ def resample(model: nn.Module, optimizer: Optional[Any] = None) -> int:
     if not layers:
         raise ValueError("model has no ROSA layers; call rosa.wrap(model, config) first")
     for layer in layers.values():
-        layer.resample()
+        layer.resample(defer_factorize=True)
+    factorize_layers(layers.values())
     if optimizer is not None:
         reset_optimizer_state(optimizer, factor_parameters(model))
     return len(layers)
+
+
+def factorize_layers(layers: Iterable[RosaLayer]) -> None:
+    """Factorize ``layers`` with one batched SVD per group of equal weight shape, device and settings.
+
+    Same result as ``layer.factorize()`` on each. Groups run one after another, and a group with more
+    than ``GROUP_BYTES`` of float32 weights is cut into chunks, so extra memory stays near one chunk's SVD.
+    """
+    for chunk in _factorize_chunks(layers):
+        _factorize_chunk(chunk)
+
+
+def _factorize_chunks(layers: Iterable[RosaLayer]) -> list[list[RosaLayer]]:
+    groups: dict[tuple, list[RosaLayer]] = {}
+    for layer in layers:
+        weight = layer.dense_weight()
+        key = (tuple(weight.shape), weight.device, layer.rank, layer.selection, layer.svd)
+        groups.setdefault(key, []).append(layer)
+    chunks = []
+    for (shape, *_), members in groups.items():
+        size = max(1, GROUP_BYTES // (4 * math.prod(shape)))
+        chunks += [members[i : i + size] for i in range(0, len(members), size)]
+    return chunks
+
+
+@torch.no_grad()
+def _factorize_chunk(layers: list[RosaLayer]) -> None:
+    first = layers[0]
+    weights = [layer.dense_weight() for layer in layers]
+    generators = [layer.subspace_generator() for layer in layers]
+    ups, downs, residuals = subspace.factorize_group(weights, first.rank, first.selection, generators, first.svd)
+    for layer, up, down, residual in zip(layers, ups, downs, residuals):
+        layer.load_factors(up, down, residual)
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -6,6 +6,7 @@ Pure tensor functions. A weight ``W`` is always in ``[out, in]`` layout here; al
 from __future__ import annotations
 
 import hashlib
+from typing import Sequence
 
 import torch
 
@@ -39,39 +40,127 @@ def select_indices(num_singular: int, rank: int, selection: str, generator: torc
     raise ValueError(f"selection must be 'random', 'top' or 'bottom', got {selection!r}")
 
 
+# Randomized SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4): a Gaussian sketch OVERSAMPLING columns
+# wider than the triplets needed, refined by POWER_ITERATIONS subspace iterations. It computes only
+# leading triplets, so only ``top`` selection can use it, and it pays off only while the rank is at
+# most RANDOMIZED_MAX_FRACTION of min(out, in). ``random`` (uniform over all singular vectors: a
+# draw of R indices almost surely reaches the trailing ones) and ``bottom`` use the exact SVD.
+OVERSAMPLING = 10
+POWER_ITERATIONS = 4
+RANDOMIZED_MAX_FRACTION = 0.25
+SVD_METHODS = ("full", "randomized")
+
+
+def canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip singular pairs in place so the largest-magnitude entry of each column of ``U`` is positive.
+
+    A pair ``(u_i, v_i)`` is defined only up to a joint sign, which LAPACK, cuSOLVER, batched and
+    unbatched calls may choose differently; after this, every path yields the same factors.
+    ``u [..., out, k]``, ``vh [..., k, in]``.
+    """
+    pivot = u.abs().argmax(dim=-2, keepdim=True)  # [..., 1, k]
+    signs = u.gather(-2, pivot).sign()  # [..., 1, k], +-1
+    return u.mul_(signs), vh.mul_(signs.mT)
+
+
 def svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin float32 SVD of ``weight`` ``[out, in]``: ``U [out, k]``, ``s [k]``, ``Vh [k, in]``, k = min(out, in)."""
-    return torch.linalg.svd(weight.float(), full_matrices=False)
+    """Thin float32 SVD of ``weight [..., out, in]``: ``U [..., out, k]``, ``s [..., k]``, ``Vh [..., k, in]``.
+
+    k = min(out, in); signs are canonical (:func:`canonical_signs`).
+    """
+    u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    u, vh = canonical_signs(u, vh)
+    return u, s, vh
+
+
+def orthonormal_basis(x: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis ``Q [..., m, l]`` of the column space of ``x [..., m, l]``."""
+    return torch.linalg.qr(x).Q
+
+
+def randomized_svd(
+    weight: torch.Tensor, k: int, generators: Sequence[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Approximate leading ``k`` triplets of ``weight [G, out, in]``: ``U [G, out, k]``, ``s [G, k]``, ``Vh [G, k, in]``.
+
+    float32. Matrix ``g``'s sketch is drawn from ``generators[g]``, so it gets the same result in a
+    batch or alone. Signs are canonical.
+    """
+    w = weight.float()  # [G, out, in]
+    width = min(k + OVERSAMPLING, *w.shape[-2:])  # l
+    omega = torch.stack([torch.randn(w.shape[-1], width, generator=g) for g in generators]).to(w.device)  # [G, in, l]
+    q = orthonormal_basis(w @ omega)  # [G, out, l]: approximately spans the leading column space
+    for _ in range(POWER_ITERATIONS):
+        q = orthonormal_basis(w @ orthonormal_basis(w.mT @ q))  # [G, out, l]
+    u_small, s, vh = torch.linalg.svd(q.mT @ w, full_matrices=False)  # [G, l, l], [G, l], [G, l, in]
+    u, vh = canonical_signs((q @ u_small)[..., :k], vh[..., :k, :])  # [G, out, k], [G, k, in]
+    return u, s[..., :k], vh
+
+
+def runs_randomized(method: str, selection: str, rank: int, shape: Sequence[int]) -> bool:
+    """Whether ``method`` runs the randomized SVD for this selection, rank and ``[out, in]`` shape (else the exact one).
+
+    Depends on nothing drawn, so a layer takes the same path alone or in any batch.
+    """
+    if method not in SVD_METHODS:
+        raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {method!r}")
+    pays_off = rank + OVERSAMPLING <= RANDOMIZED_MAX_FRACTION * min(shape)
+    return method == "randomized" and selection == "top" and pays_off
 
 
 def split_factors(
     u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, indices: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Trainable factors with the singular values split evenly between them.
+    """Trainable factors with the singular values split evenly between them (batched over leading dims).
 
-    up   = U[:, I] * sqrt(s[I])          [out, R]
-    down = sqrt(s[I])[:, None] * Vh[I]   [R, in]
+    up   = U[:, I] * sqrt(s[I])          [..., out, R]
+    down = sqrt(s[I])[:, None] * Vh[I]   [..., R, in]
     """
-    indices = indices.to(s.device)
-    root = s[indices].sqrt()  # [R]
-    up = u[:, indices] * root  # [out, R]
-    down = root[:, None] * vh[indices]  # [R, in]
+    indices = indices.to(s.device)  # [..., R]
+    root = torch.take_along_dim(s, indices, dim=-1).sqrt()  # [..., R]
+    up = torch.take_along_dim(u, indices[..., None, :], dim=-1) * root[..., None, :]  # [..., out, R]
+    down = root[..., :, None] * torch.take_along_dim(vh, indices[..., :, None], dim=-2)  # [..., R, in]
     return up, down
 
 
+def factorize_group(
+    weights: Sequence[torch.Tensor],
+    rank: int,
+    selection: str,
+    generators: Sequence[torch.Generator],
+    method: str = "full",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Factorize G same-shape weights ``[out, in]`` at once: ``up [G, out, R]``, ``down [G, R, in]``, ``residual [G, out, in]``.
+
+    float32, on the weights' device. Weight ``g`` draws its index set from ``generators[g]`` exactly
+    as :func:`factorize` does, so the result equals factorizing each weight alone. Besides the
+    outputs, the only large temporaries are the SVD's ``U`` and ``Vh``; the residual reuses the
+    float32 stack of the weights.
+    """
+    first = weights[0]
+    stack = torch.empty(len(weights), *first.shape, dtype=torch.float32, device=first.device)  # [G, out, in]
+    for row, weight in zip(stack, weights):
+        row.copy_(weight)
+    indices = torch.stack([select_indices(min(first.shape), rank, selection, g) for g in generators])  # [G, R]
+    if runs_randomized(method, selection, rank, first.shape):
+        u, s, vh = randomized_svd(stack, rank, generators)  # the leading R triplets, approximately
+    else:
+        u, s, vh = svd(stack)
+    up, down = split_factors(u, s, vh, indices)  # [G, out, R], [G, R, in]
+    del u, s, vh
+    residual = stack.baddbmm_(up, down, alpha=-1)  # W - up @ down, in place: [G, out, in]
+    return up, down, residual
+
+
 def factorize(
-    weight: torch.Tensor, rank: int, selection: str, generator: torch.Generator
+    weight: torch.Tensor, rank: int, selection: str, generator: torch.Generator, method: str = "full"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split ``weight`` ``[out, in]`` into ``(up [out, R], down [R, in], residual [out, in])``, float32.
 
-    ``residual + up @ down == weight`` up to float32 rounding.
+    ``residual + up @ down == weight`` up to float32 rounding, whatever ``method``.
     """
-    w = weight.float()  # [out, in]
-    u, s, vh = svd(w)
-    indices = select_indices(s.shape[0], rank, selection, generator)
-    up, down = split_factors(u, s, vh, indices)
-    residual = w - up @ down  # [out, in]
-    return up, down, residual
+    up, down, residual = factorize_group([weight], rank, selection, [generator], method)
+    return up[0], down[0], residual[0]
 
 
 def merged_weight(residual: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
