@@ -6,14 +6,15 @@ each method's learning rate is picked from a small grid by its final dev score (
 rewritten after every task so a long run shows its progress.
 
 Budgets: ``--tiny`` runs in seconds (CI smoke test; the numbers mean nothing). The default was
-sized by timing training steps on this project's 2-core CPU machine shared with other jobs:
-about 1.3 ms per padded training token for ROSA/LoRA and 2.2 ms for full fine-tuning with one
-thread, and length-grouped batches; 4 tasks x 3 methods x 2 learning rates x 800 examples x
-2 epochs (+ dev evaluations) comes to about 60-75 minutes. With 2 threads on a busy machine the
-same run was up to 7x slower (thread oversubscription); on an idle machine leave threads at
-their default, on a shared one consider ``OMP_NUM_THREADS=1``.
+sized by timing on this project's 2-core CPU machine shared with three other jobs (load ~8),
+one torch thread, length-grouped batches: ROSA or LoRA on 400 STS-B examples x 2 epochs took
+~40 s including dev evaluation, full fine-tuning ~50-70 s; scaling by each task's tokens per
+example (CoLA 0.4x, MRPC 2x, RTE 2.5x of STS-B) gives about 70 minutes for 4 tasks x 3 methods x
+2 learning rates x 640 examples x 3 epochs. A pilot on STS-B set the grids (ROSA and LoRA share
+one). With 2 threads on that busy machine steps were up to 7x slower (thread oversubscription):
+leave threads at their default on an idle machine, use ``OMP_NUM_THREADS=1`` on a shared one.
 
-    python benchmarks/glue_table.py                 # default budget, ~1 h on 2 CPU cores
+    python benchmarks/glue_table.py                 # default budget, ~70 min on 2 busy CPU cores
     python benchmarks/glue_table.py --tiny --out /tmp/glue-smoke
 """
 
@@ -48,9 +49,9 @@ class Budget:
 
 BUDGETS = {
     "tiny": Budget(train_samples=16, eval_samples=16, epochs=1, max_length=32, batch_size=8,
-                   lr_grid={"rosa": (1e-3, 3e-3), "lora": (1e-3, 3e-3), "full": (5e-5, 1e-4)}),
-    "default": Budget(train_samples=800, eval_samples=400, epochs=2, max_length=128, batch_size=16,
-                      lr_grid={"rosa": (5e-4, 2e-3), "lora": (1e-3, 3e-3), "full": (5e-5, 2e-4)}),
+                   lr_grid={"rosa": (5e-4, 1.5e-3), "lora": (5e-4, 1.5e-3), "full": (3e-5, 1e-4)}),
+    "default": Budget(train_samples=640, eval_samples=400, epochs=3, max_length=128, batch_size=8,
+                      lr_grid={"rosa": (5e-4, 1.5e-3), "lora": (5e-4, 1.5e-3), "full": (3e-5, 1e-4)}),
 }
 
 
