@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "glue": ("glue", "fine-tune on a GLUE task: ROSA vs PEFT LoRA vs full fine-tuning"),
     "vision": ("vision", "transfer on real images: a small CNN adapted from digits 0-4 to 5-9"),
     "export-lora": ("export_lora", "write a fine-tuned model as a Hugging Face PEFT LoRA adapter over its base"),
+    "bench": ("bench", "train step time, memory, resample and inference latency: ROSA vs PEFT LoRA vs full"),
 }
 
 
