@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 SUBCOMMANDS = {
     "synthetic": ("synthetic", "the paper's linear theory experiment: full FT vs LoRA vs ROSA"),
     "glue": ("glue", "fine-tune on a GLUE task: ROSA vs PEFT LoRA vs full fine-tuning"),
+    "e2e": ("e2e", "fine-tune a causal LM on E2E NLG and score its generations: ROSA vs PEFT LoRA vs full"),
     "vision": ("vision", "transfer on real images: a small CNN adapted from digits 0-4 to 5-9"),
     "export-lora": ("export_lora", "write a fine-tuned model as a Hugging Face PEFT LoRA adapter over its base"),
     "bench": ("bench", "train step time, memory, resample and inference latency: ROSA vs PEFT LoRA vs full"),

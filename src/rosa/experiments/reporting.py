@@ -94,3 +94,36 @@ def save_figure(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def reset_peak_memory() -> bool:
+    """Start a new peak-memory window for :func:`peak_memory_mb`; False where the platform cannot.
+
+    On CUDA this resets ``torch.cuda``'s peak statistics; on Linux it resets the process's
+    resident-set high-water mark (``/proc/self/clear_refs``), which ``ru_maxrss`` reports.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_mb(since_reset: bool = False) -> dict[str, Any]:
+    """Peak memory in MiB and what it measures: CUDA allocated memory, or on CPU the process's peak RSS.
+
+    ``since_reset`` says whether :func:`reset_peak_memory` succeeded at the start of the measured
+    window; the ``kind`` text records whether the number covers that window or the whole process.
+    """
+    if torch.cuda.is_available():
+        return {"mb": torch.cuda.max_memory_allocated() / 2**20, "kind": "torch.cuda.max_memory_allocated"}
+    import resource  # Unix only
+
+    window = "since the last reset" if since_reset else "whole process so far"
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"mb": maxrss / (2**20 if sys.platform == "darwin" else 1024),
+            "kind": f"process peak RSS (getrusage ru_maxrss, {window}; includes the Python runtime and data)"}
