@@ -285,14 +285,15 @@ def check_untied(model: nn.Module, name: str) -> None:
         if other_name != name and (other is module or getattr(other, "weight", None) is weight):
             raise ValueError(
                 f"layer {name!r} shares its weight with {other_name!r} (tied weights); adapting it would untie "
-                f"them. Exclude {name!r} from target_modules, or untie the weights first"
+                f"them. Leave {name!r} out of RosaConfig.target_modules (or add it to exclude_modules), or untie the "
+                "weights first"
             )
     pair = tied_embeddings(model)
     if pair is not None and name in pair:
         raise ValueError(
             f"layer {name!r} is one of the tied input/output embeddings {pair[0]!r} and {pair[1]!r} "
-            "(config.tie_word_embeddings=True); adapting it would untie them. Exclude it from target_modules, "
-            "or untie the model first (separate weights and config.tie_word_embeddings=False)"
+            "(config.tie_word_embeddings=True); adapting it would untie them. Leave it out of RosaConfig.target_modules "
+            "(or add it to exclude_modules), or untie the model first (separate weights, tie_word_embeddings=False)"
         )
 
 
