@@ -291,3 +291,16 @@ def test_module_shared_under_two_names_is_refused():
     with pytest.raises(ValueError, match="'0' shares its weight with '2'"):
         rosa.wrap(model, rosa.RosaConfig(rank=1, target_modules=["0"]))
     assert not rosa.rosa_layers(model)
+
+
+def test_tied_hugging_face_llama_embeddings_are_refused():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    for target in ("embed_tokens", "lm_head"):
+        with pytest.raises(ValueError, match="'model.embed_tokens'.*'lm_head'|'lm_head'.*'model.embed_tokens'"):
+            rosa.wrap(model, rosa.RosaConfig(rank=2, target_modules=[target]))
+    assert not rosa.rosa_layers(model)
