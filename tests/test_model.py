@@ -212,3 +212,11 @@ def test_print_trainable_parameters(capsys):
     report = rosa.print_trainable_parameters(model)
     line = capsys.readouterr().out
     assert f"trainable params: {report['trainable']:,}" in line and "rho: 2.00" in line
+
+
+def test_default_targets_skip_embeddings_but_named_embeddings_are_adapted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8))
+    assert set(rosa.rosa_layers(rosa.wrap(model, rosa.RosaConfig(rank=2)))) == {"1"}
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8))
+    assert set(rosa.rosa_layers(rosa.wrap(model, rosa.RosaConfig(rank=2, target_modules=["0"])))) == {"0"}

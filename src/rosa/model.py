@@ -47,7 +47,10 @@ def find_targets(model: nn.Module, config: RosaConfig) -> list[tuple[str, nn.Mod
     patterns = config.target_modules
     preset = presets.preset_targets(model) if patterns is None else None
     if patterns is None and preset is None:
-        targets = [(n, m) for n, m in supported if not presets.is_head(model, n, m)]
+        # Embeddings are adapted only when named: they are often tied to the output head.
+        targets = [
+            (n, m) for n, m in supported if not presets.is_head(model, n, m) and not isinstance(m, nn.Embedding)
+        ]
         presets.log_fallback(model, len(targets))
     else:
         wanted = patterns if patterns is not None else preset
@@ -59,7 +62,7 @@ def find_targets(model: nn.Module, config: RosaConfig) -> list[tuple[str, nn.Mod
             name, module = matched[0]
             raise ValueError(
                 f"RosaConfig.target_modules={wanted!r} matches only layers ROSA cannot adapt, e.g. {name!r} "
-                f"({type(module).__name__}); supported: nn.Linear, transformers Conv1D"
+                f"({type(module).__name__}); supported: nn.Linear, transformers Conv1D, nn.Conv2d, nn.Embedding"
             )
     targets = [(n, m) for n, m in targets if not matches(n, config.exclude_modules)]
     if not targets:
