@@ -3,8 +3,11 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+RESULT_MARKERS = re.findall(r"<!-- results:(\S+) -->", README)
 
 
 def block_after(marker: str) -> str:
@@ -25,6 +28,11 @@ def test_setup_command_pins_cpu_torch_before_the_package():
     assert setup.index("torch==2.13.0") < setup.index('-e ".[all]"')
 
 
-def test_synthetic_table_is_the_one_the_command_wrote():
-    summary = (ROOT / "benchmarks/results/synthetic/summary.md").read_text()
-    assert block_after("<!-- results:synthetic -->").strip() in summary
+def test_readme_has_result_tables():
+    assert "benchmarks/results/synthetic/summary.md" in RESULT_MARKERS
+
+
+@pytest.mark.parametrize("path", RESULT_MARKERS)
+def test_result_table_is_the_one_the_command_wrote(path):
+    written = (ROOT / path).read_text()
+    assert block_after(f"<!-- results:{path} -->").strip() in written
