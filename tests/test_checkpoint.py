@@ -331,10 +331,6 @@ def trainer_run(out_dir, resume=None):
     return model, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RosaCallback does not restore the layers' resample counts on resume yet (see the issue-6 report)",
-)
 def test_trainer_resume_from_checkpoint_with_rosa_callback_is_exact(tmp_path):
     model, losses = trainer_run(tmp_path / "full")
     resumed, resumed_losses = trainer_run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-4"))

@@ -60,6 +60,7 @@ class RosaCallback(TrainerCallback):
                 "RosaCallback: the Trainer's model has no ROSA layers; call rosa.wrap(model, config) "
                 "before creating the Trainer"
             )
+        self._restore_progress(state, layers.values())
         state.log_history.append(
             {"rosa/trainable_params": parameter_report(model)["trainable"], "rosa/layers": len(layers),
              "step": state.global_step}
@@ -88,6 +89,21 @@ class RosaCallback(TrainerCallback):
         self._restore_lrs(optimizer)
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _restore_progress(self, state: TrainerState, layers: Any) -> None:
+        """On ``resume_from_checkpoint``, recover resamples (and a running re-warmup) from the log history.
+
+        The Trainer restores weights, optimizer and scheduler, but each layer's resample count,
+        which fixes its next subspace, lives only in the resample events of ``trainer_state.json``.
+        """
+        events = [e for e in state.log_history if "rosa/resamples" in e and e["step"] <= state.global_step]
+        if not events:
+            return
+        self.resample_steps = [e["step"] for e in events]
+        for layer in layers:
+            layer.resample_count = len(events)
+        j = state.global_step - self.resample_steps[-1] + 1
+        self._ramp = j if self.rewarmup_steps and j <= self.rewarmup_steps else 0
+
     def _resample(self, state: TrainerState, model: nn.Module, optimizer: Any) -> None:
         layers = resample(model, optimizer)
         self.resample_steps.append(state.global_step)
