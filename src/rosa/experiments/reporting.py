@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -99,18 +101,30 @@ def save_figure(fig, path: str | Path) -> Path:
 def reset_peak_memory() -> bool:
     """Start a new peak-memory window for :func:`peak_memory_mb`; False where the platform cannot.
 
-    On CUDA this resets ``torch.cuda``'s peak statistics; on Linux it resets the process's
-    resident-set high-water mark (``/proc/self/clear_refs``), which ``ru_maxrss`` reports.
+    On CUDA this resets ``torch.cuda``'s peak statistics; on Linux it first hands freed heap
+    memory back to the OS (garbage collection, glibc ``malloc_trim``), so the window starts from
+    what is live, then resets the process's resident-set high-water mark
+    (``/proc/self/clear_refs``), which ``ru_maxrss`` reports.
     """
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         return True
+    gc.collect()
+    _trim_heap()
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
     except OSError:
         return False
     return True
+
+
+def _trim_heap() -> None:
+    """Return freed malloc memory to the OS where glibc allows it; a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def peak_memory_mb(since_reset: bool = False) -> dict[str, Any]:
