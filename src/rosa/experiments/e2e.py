@@ -47,7 +47,6 @@ MAX_GRAD_NORM = 1.0
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt and padding)
 HUB_DATASET = "tuetschek/e2e_nlg"
 SAMPLE_MRS = 10  # held-out MRs shown in samples.md
-METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
 
 T = TypeVar("T")
 
