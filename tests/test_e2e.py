@@ -87,7 +87,8 @@ def test_cli_trains_every_method_and_writes_outputs(model_dir, data_csv, tmp_pat
         assert len(r["generations"]) == result["data"]["eval_mrs"] == 3
         assert r["train_tokens_per_second"] > 0 and r["peak_memory"]["mb"] > 0
     assert methods["rosa"]["resample_steps"] == [2] and methods["lora"]["resample_steps"] == []
-    assert methods["rosa"]["trainable_params"] == methods["lora"]["trainable_params"] < methods["full"]["trainable_params"]
+    trainable = {name: r["trainable_params"] for name, r in methods.items()}
+    assert trainable["rosa"] == trainable["lora"] < trainable["full"]
     check = methods["rosa"]["merge_check"]
     assert check["identical"] and check["generations_compared"] == 3 and check["max_abs_logit_diff"] < 1e-4
     samples = (tmp_path / "samples.md").read_text()
@@ -100,7 +101,8 @@ def test_labels_put_loss_on_target_tokens_only(model_dir):
     tokenizer = load_tokenizer(str(model_dir))
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the eos target must still carry loss
     short = E2EExample("name[Cotto], food[French], area[riverside]", "Cotto serves French food.")
-    long = E2EExample("name[Zizzi], food[Italian], area[city centre]", "In the city centre there is Zizzi, a Italian place.")
+    long = E2EExample("name[Zizzi], food[Italian], area[city centre]",
+                      "In the city centre there is Zizzi, a Italian place.")
     encoded = [e2e.encode_example(tokenizer, ex, max_length=64) for ex in (short, long)]
     prompt = tokenizer(format_prompt(short.mr))["input_ids"]
     target = tokenizer(" " + short.ref, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

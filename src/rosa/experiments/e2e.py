@@ -30,6 +30,7 @@ from .methods import METHODS, count_trainable, finalize_model, prepare_model
 from .models import load_causal_lm, load_tokenizer
 from .nlg_metrics import compute_nlg_metrics
 from .reporting import (
+    default_device,
     format_table,
     machine_info,
     new_figure,
@@ -192,11 +193,6 @@ def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
 
 
 # -- generation ---------------------------------------------------------------------------------
-def device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[list[int]], s: E2ESettings, desc: str) -> list[str]:
     """Decode a continuation of every prompt (greedy, or beam search with ``s.num_beams``), batched.
@@ -212,7 +208,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], s: E2ESettin
     model.eval()
     texts: list[str] = []
     for batch in progress(chunks(prompts, s.gen_batch_size), desc=desc):
-        inputs = {k: v.to(device()) for k, v in left_pad(list(batch), tokenizer.pad_token_id).items()}
+        inputs = {k: v.to(default_device()) for k, v in left_pad(list(batch), tokenizer.pad_token_id).items()}
         output = model.generate(**inputs, generation_config=config)
         texts += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return texts
@@ -226,7 +222,7 @@ def clean_generation(text: str) -> str:
 @torch.no_grad()
 def prompt_logits(model: nn.Module, prompts: list[list[int]], pad_token_id: int) -> torch.Tensor:
     """Next-token logits (float32) at every non-padding position of a left-padded prompt batch."""
-    batch = {k: v.to(device()) for k, v in left_pad(prompts, pad_token_id).items()}
+    batch = {k: v.to(default_device()) for k, v in left_pad(prompts, pad_token_id).items()}
     return model.eval()(**batch).logits[batch["attention_mask"].bool()].float().cpu()
 
 
@@ -290,7 +286,7 @@ def train(model: nn.Module, method: str, lr: float, loader, s: E2ESettings) -> d
     start = time.perf_counter()
     model.train()
     for step, batch in enumerate(progress(itertools.islice(endless(loader), steps), f"e2e {method} train", steps), 1):
-        batch = {k: v.to(device()) for k, v in batch.items()}
+        batch = {k: v.to(default_device()) for k, v in batch.items()}
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
@@ -318,7 +314,8 @@ def run_method(method: str, s: E2ESettings, data: E2EData, tokenizer, save_dir: 
     torch.manual_seed(s.seed)  # same LoRA init, dropout and data order for every method
     memory_window = reset_peak_memory()
     start = time.perf_counter()
-    model = prepare_model(load_causal_lm(s.model), method, s.rank, selection=s.selection, seed=s.seed).to(device())
+    model = prepare_model(load_causal_lm(s.model), method, s.rank, selection=s.selection, seed=s.seed)
+    model = model.to(default_device())
     trainable = count_trainable(model)
     result = train(model, method, s.lr[method], training_loader(data, tokenizer, s), s)
     prompts = [encode_prompt(tokenizer, g.mr) for g in data.eval]
@@ -345,7 +342,7 @@ def run_method(method: str, s: E2ESettings, data: E2EData, tokenizer, save_dir: 
 
 
 def run(s: E2ESettings, data: E2EData, tokenizer, out_dir: str | Path, save: bool = False) -> dict[str, Any]:
-    """Run every method of ``s``; write ``result.json``, ``summary.md``, ``samples.md`` and ``loss.png`` to ``out_dir``."""
+    """Run every method of ``s``; write result.json, summary.md, samples.md and loss.png to ``out_dir``."""
     out_dir = Path(out_dir)
     methods = {m: run_method(m, s, data, tokenizer, out_dir / f"model-{m}" if save else None) for m in s.methods}
     result = {
@@ -469,32 +466,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Command-line options of ``rosa e2e``."""
     d = E2ESettings()
     parser.add_argument("--model", default=d.model, help="local folder, hub id, or 'smollm2' (default: %(default)s)")
-    parser.add_argument("--data", help="one E2E CSV (mr,ref) split by MR into train and eval, e.g. ../shared/data/e2e/dev.csv")
+    parser.add_argument("--data", help="one E2E CSV (mr,ref) split by MR into train and eval, "
+                        "e.g. ../shared/data/e2e/dev.csv")
     parser.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
                         help="share of the MRs of --data held out for evaluation (default: %(default)s)")
     parser.add_argument("--train-file", help="E2E CSV to train on (with --eval-file; instead of --data)")
     parser.add_argument("--eval-file", help="E2E CSV to evaluate on (with --train-file)")
-    parser.add_argument("--hub", action="store_true", help=f"train on {HUB_DATASET} train, evaluate on its test split (network)")
+    parser.add_argument("--hub", action="store_true",
+                        help=f"train on {HUB_DATASET} train, evaluate on its test split (network)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=d.methods)
     parser.add_argument("--rank", type=int, default=d.rank, help="ROSA/LoRA rank (default: %(default)s)")
     parser.add_argument("--lr", type=float, help="learning rate for every method (default: "
                         + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training pairs (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=d.epochs,
+                        help="passes over the training pairs (default: %(default)s)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (a budget cap)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--max-length", type=int, default=d.max_length,
                         help="tokens per training example, prompt + target (default: %(default)s)")
-    parser.add_argument("--resample-every", type=int, help="optimizer steps between ROSA resamples (default: once per epoch)")
+    parser.add_argument("--resample-every", type=int,
+                        help="optimizer steps between ROSA resamples (default: once per epoch)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--selection", choices=("random", "top", "bottom"), default=d.selection,
                         help="which singular vectors ROSA trains (default: %(default)s)")
-    parser.add_argument("--max-train-examples", type=int, help="train on a seeded random subset of this many (mr, ref) pairs")
+    parser.add_argument("--max-train-examples", type=int,
+                        help="train on a seeded random subset of this many (mr, ref) pairs")
     parser.add_argument("--max-eval-mrs", type=int, help="evaluate on a seeded random subset of this many held-out MRs")
     parser.add_argument("--num-beams", type=int, default=d.num_beams, help="1 = greedy decoding (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     parser.add_argument("--gen-batch-size", type=int, default=d.gen_batch_size, help="prompts per generation batch")
     parser.add_argument("--out", default="runs/e2e", help="output folder (default: %(default)s)")
-    parser.add_argument("--save", action="store_true", help="save each merged model (save_pretrained) to OUT/model-METHOD")
+    parser.add_argument("--save", action="store_true",
+                        help="save each merged model (save_pretrained) to OUT/model-METHOD")
 
 
 POSITIVE_OPTIONS = ("rank", "epochs", "max_steps", "batch_size", "max_length", "resample_every", "max_train_examples",

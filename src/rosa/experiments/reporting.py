@@ -98,6 +98,11 @@ def save_figure(fig, path: str | Path) -> Path:
     return path
 
 
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def reset_peak_memory() -> bool:
     """Start a new peak-memory window for :func:`peak_memory_mb`; False where the platform cannot.
 
