@@ -12,7 +12,7 @@ from rosa.cli import main
 
 DEFAULTS = [
     "bench", "--models", "minilm", "smollm2", "--seq-len", "128", "--steps", "10", "--warmup", "2",
-    "--latency-reps", "10", "--threads", "1", "--out", str(Path(__file__).parent / "results"), "--name", "perf",
+    "--latency-reps", "12", "--threads", "1", "--out", str(Path(__file__).parent / "results"), "--name", "perf",
 ]
 
 if __name__ == "__main__":

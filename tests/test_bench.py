@@ -20,12 +20,12 @@ def test_tiny_bench_writes_json_and_markdown(tiny_result):
     out, result = tiny_result
     assert set(result["models"]) == {"tiny-bert", "tiny-llama"}
     report = (out / "perf.md").read_text()
-    assert "## Targets" in report and "CI smoke run" in report and "Produced " in report
+    assert "## Targets" in report and "CI smoke run" in report and "Produced " in report and "noise floor" in report
     for name, r in result["models"].items():
         assert r["kind"] == bench.parse_model(name)[1]
         assert set(r["step_time_s"]) == {"rosa", "lora", "full"}
         assert all(len(times) == 2 for times in r["step_times_s"].values())
-        assert set(r["latency_s"]) == {"original", "merged_rosa", "lora_unmerged", "lora_merged"}
+        assert set(r["latency_s"]) == {"original", "original_copy", "merged_rosa", "lora_unmerged", "lora_merged"}
         assert r["resample"]["layers"] > 0 and r["resample"]["seconds"] > 0
         assert r["epoch"]["resample_fraction"] == pytest.approx(r["resample"]["seconds"] / r["epoch"]["seconds"])
         assert "peak_rss_bytes" not in r

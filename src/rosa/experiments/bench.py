@@ -21,8 +21,9 @@ import math
 import os
 import resource
 import statistics
+import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from multiprocessing import get_context
@@ -215,14 +216,14 @@ def allocation_trace(fn: Callable[[], Any]) -> AllocationTrace:
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    records = []
-    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
+    records = []  # (time, bytes), the tree walked in call order
+    nodes = list(reversed(prof.profiler.kineto_results.experimental_event_tree()))
     while nodes:
         node = nodes.pop()
-        nodes.extend(node.children)
+        nodes.extend(reversed(node.children))
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            records.append((node.start_time_ns, node.extra_fields.allocation_id, node.extra_fields.alloc_size))
-    sizes = [size for *_, size in sorted(records)]
+            records.append((node.start_time_ns, node.extra_fields.alloc_size))
+    sizes = [size for _, size in sorted(records, key=lambda record: record[0])]  # stable: ties keep call order
     return AllocationTrace(net=sum(sizes), peak=max(itertools.accumulate(sizes, initial=0)))
 
 
@@ -296,21 +297,32 @@ def rss_worker(name: str, kind: str, method: str, s: BenchSettings) -> dict[str,
     device = torch.device("cpu")
     model = load_model(name, kind, getattr(torch, s.dtype), device)
     batch = make_batch(model, kind, batch_size(s, kind), s.seq_len, device)
-    loaded = max_rss_bytes()
+    loaded = peak_rss_bytes()
     model, optimizer = prepare(model, method, s)
     for _ in range(s.rss_steps):
         train_step(model, optimizer, batch)
-    return {"after_load": loaded, "peak": max_rss_bytes()}
+    return {"after_load": loaded, "peak": peak_rss_bytes()}
 
 
-def max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    On Linux, ``VmHWM`` of its own address space: ``ru_maxrss`` survives fork + exec, so a spawned
+    child would report its parent's peak when that is higher. Elsewhere ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB elsewhere
 
 
 def child_rss(name: str, kind: str, s: BenchSettings) -> dict[str, dict[str, int]]:
     """Peak RSS per method, each measured in its own fresh spawned process (the methods run concurrently)."""
-    with ProcessPoolExecutor(len(METHODS), mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        futures = {m: pool.submit(rss_worker, name, kind, m, s) for m in METHODS}
+    with ExitStack() as stack:
+        pools = {m: stack.enter_context(ProcessPoolExecutor(1, mp_context=get_context("spawn"))) for m in METHODS}
+        futures = {m: pool.submit(rss_worker, name, kind, m, s) for m, pool in pools.items()}
         return {m: future.result() for m, future in futures.items()}
 
 
@@ -354,6 +366,7 @@ def bench_model(name: str, kind: str, s: BenchSettings) -> dict[str, Any]:
     rosa_model, lora_model = runs["rosa"][0], runs["lora"][0]
     inference = {
         "original": original,
+        "original_copy": copy.deepcopy(original),  # a control: the spread between identical models is noise
         "merged_rosa": rosa.merge(rosa_model).eval(),
         "lora_unmerged": lora_model.eval(),
         "lora_merged": copy.deepcopy(lora_model).merge_and_unload().eval(),
@@ -421,6 +434,7 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
         "latency_merged_rosa_over_original": latency["merged_rosa"] / latency["original"],
         "latency_lora_unmerged_over_original": latency["lora_unmerged"] / latency["original"],
         "latency_lora_merged_over_original": latency["lora_merged"] / latency["original"],
+        "latency_original_copy_over_original": latency["original_copy"] / latency["original"],
         "resample_over_epoch": result["epoch"]["resample_fraction"],
         # by the fastest repetition: external load only ever slows a run down
         "step_time_rosa_over_lora_min": result["step_time_min_s"]["rosa"] / result["step_time_min_s"]["lora"],
@@ -476,7 +490,7 @@ def model_table(name: str, r: dict[str, Any]) -> str:
     return "\n\n".join([
         f"### {name} ({r['kind']}, batch {r['batch_size']} x {r['seq_len']} tokens)",
         format_table(rows, ["metric", *METHODS]),
-        format_table(latency, ["metric", "original", "merged_rosa", "lora_unmerged", "lora_merged"]),
+        format_table(latency, ["metric", *r["latency_s"]]),
         f"One whole-model resample ({rs['layers']} layers, batched SVDs): median {rs['seconds']:.3g} s "
         f"(layer by layer: {rs['per_layer_seconds']:.3g} s). One epoch of {ep['dataset']} "
         f"({ep['examples']:,} examples = {ep['steps']} steps at ROSA's median step) = {ep['seconds']:.4g} s, "
@@ -497,7 +511,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         header += f"\n\n{s['note']}"
     sections = [model_table(name, r) for name, r in result["models"].items()]
     targets = format_table(result["targets"], ["target", "model", "measured", "bound", "met"], floatfmt=".3f")
-    return "\n\n".join([header, "## Targets", targets, "## Measurements", *sections])
+    floor = "; ".join(f"{name} {r['ratios']['latency_original_copy_over_original']:.3f}"
+                      for name, r in result["models"].items())
+    noise = f"Latency noise floor (an identical copy of the original model / the original, same run): {floor}."
+    return "\n\n".join([header, "## Targets", targets, noise, "## Measurements", *sections])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
