@@ -47,3 +47,21 @@ def test_tiny_budget_writes_json_and_markdown(tmp_path):
     assert "| method | STS-B | average | trainable params |" in md
     assert "Status: **complete**." in md and "**Subsampled**" in md and "Chosen learning rates:" in md
     assert "| rosa |" in md and "| lora |" in md and "| full |" in md
+    assert "Step time, ROSA vs LoRA timed alternately" in md
+    assert saved["step_time"]["rosa_seconds"] > 0 and saved["targets"]["rosa_over_lora_step_time"] > 0
+
+
+def test_resume_keeps_finished_tasks_and_refuses_other_settings(tmp_path, monkeypatch):
+    bench = load_benchmark()
+    finished = {"data": {"subsampled": True}, "runs": {}, "chosen": {}}
+    report = {"benchmark": "glue", "budget_name": "tiny", "budget": bench.asdict(bench.BUDGETS["tiny"]),
+              "model": "minilm", "rank": 8, "seed": 0, "tasks": {"STS-B": finished}, "total_seconds": 5.0}
+    (tmp_path / "glue.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="was run with"):
+        bench.main(["--tiny", "--tasks", "sts-b", "--rank", "4", "--resume", "--out", str(tmp_path)])
+    monkeypatch.setattr(bench, "run_task", lambda *a: pytest.fail("a finished task was run again"))
+    monkeypatch.setattr(bench, "step_time_ab", lambda *a: {})
+    monkeypatch.setattr(bench, "write_report", lambda *a: None)
+    monkeypatch.setattr(bench, "markdown", lambda *a: "")
+    resumed = bench.main(["--tiny", "--tasks", "sts-b", "--resume", "--out", str(tmp_path)])
+    assert resumed["tasks"] == {"STS-B": finished} and resumed["total_seconds"] >= 5.0
