@@ -12,11 +12,12 @@ nothing). The default was sized by timing SmolLM2 on this project's 2-core CPU m
 with three other jobs, one torch thread: ~11-14 s per optimizer step of batch 8 at ~80 tokens
 (ROSA or LoRA; full fine-tuning somewhat more), ~10 s to load and factorize the model, ~1.7 s per
 held-out MR for greedy generation of up to 48 tokens (ROSA generates twice: unmerged and merged).
-60 steps x 3 methods + 60 MRs x 4 generations comes to about 45 minutes. With 2 threads on that
-busy machine steps were 2-10x slower (thread oversubscription): use ``OMP_NUM_THREADS=1`` on a
-shared machine, the default threads on an idle one.
+60 steps x 3 methods + 60 MRs x 4 generations comes to about 45 minutes at that load; the run in
+``benchmarks/results/e2e.md`` took 28 minutes (load ~2-3: ~8-9 s per step, ~10 min per method).
+With 2 threads on the busy machine steps were 2-10x slower (thread oversubscription): use
+``OMP_NUM_THREADS=1`` on a shared machine, the default threads on an idle one.
 
-    OMP_NUM_THREADS=1 python benchmarks/e2e_table.py         # default budget, ~45 min on 2 busy CPU cores
+    OMP_NUM_THREADS=1 python benchmarks/e2e_table.py         # default budget, 30-45 min on 2 busy CPU cores
     python benchmarks/e2e_table.py --tiny --out /tmp/e2e-smoke
 """
 
