@@ -4,6 +4,7 @@ import csv
 import itertools
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,8 @@ def test_merged_rosa_model_generates_the_same_text(model_dir):
     assert check["max_abs_logit_diff"] < 1e-4
     one_by_one = [e2e.generate(merged, tokenizer, [p], s, desc="single")[0] for p in prompts]
     assert texts == one_by_one  # left-padded batches decode exactly like single prompts
+    beams = e2e.generate(merged, tokenizer, prompts, replace(s, num_beams=3), desc="beam search")
+    assert len(beams) == len(prompts) and all(isinstance(text, str) for text in beams)
 
 
 def test_malformed_csv_row_is_reported_with_file_and_line(tmp_path, model_dir):
