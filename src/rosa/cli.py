@@ -18,21 +18,24 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand's options."""
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The argument parser; only ``command``'s runner is imported (the others are listed by name)."""
     parser = argparse.ArgumentParser(prog="rosa", description="ROSA: Random Subspace Adaptation experiments")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
-        runner = importlib.import_module(f"rosa.experiments.{module}")
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        runner.add_arguments(sp)
-        sp.set_defaults(runner=runner)
+        if name == command:
+            runner = importlib.import_module(f"rosa.experiments.{module}")
+            runner.add_arguments(sp)
+            sp.set_defaults(runner=runner)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``rosa COMMAND [options]``; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     args.runner.main(args)
     return 0
 
