@@ -34,7 +34,7 @@ from rosa.experiments import glue
 from rosa.experiments.glue_data import get_task_spec
 from rosa.experiments.methods import METHODS, classifier_head, prepare_model
 from rosa.experiments.models import load_sequence_classifier
-from rosa.experiments.reporting import format_table, machine_info, write_json
+from rosa.experiments.reporting import default_device, format_table, machine_info, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("CoLA", "MRPC", "RTE", "STS-B")
@@ -92,11 +92,11 @@ def step_time_ab(budget: Budget, steps: int, args: argparse.Namespace) -> dict[s
     for method in ("rosa", "lora"):
         model = load_sequence_classifier(args.model, 2)
         model = prepare_model(model, method, args.rank, seed=args.seed, modules_to_save=classifier_head(model))
-        model = model.to(glue.device()).train()
+        model = model.to(default_device()).train()
         runs[method] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5))
     shape = (budget.batch_size, TIMING_TOKENS)
-    batch = {"input_ids": torch.randint(1000, model.config.vocab_size, shape).to(glue.device()),
-             "labels": torch.zeros(shape[0], dtype=torch.long, device=glue.device())}
+    batch = {"input_ids": torch.randint(1000, model.config.vocab_size, shape).to(default_device()),
+             "labels": torch.zeros(shape[0], dtype=torch.long, device=default_device())}
     times: dict[str, list[float]] = {m: [] for m in runs}
     for _ in range(steps + 1):  # the first step of each method is a warmup, dropped
         for method, (model, optimizer) in runs.items():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +23,17 @@ import rosa
 from .glue_data import GlueSplit, TaskSpec, compute_glue_metrics, get_task_spec, load_glue_hub, main_score, read_glue_split
 from .methods import METHODS, classifier_head, count_trainable, finalize_model, prepare_model
 from .models import load_sequence_classifier, load_tokenizer
-from .reporting import format_table, machine_info, new_figure, progress, save_figure, write_json
+from .reporting import (
+    default_device,
+    format_table,
+    machine_info,
+    new_figure,
+    peak_memory_mb,
+    progress,
+    reset_peak_memory,
+    save_figure,
+    write_json,
+)
 
 DEFAULT_LR = {"rosa": 1e-3, "lora": 1e-3, "full": 5e-5}
 WARMUP_FRACTION = 0.06  # of all optimizer steps, linear warmup from 0 then linear decay to 0
@@ -155,11 +164,6 @@ def batches(examples: list[dict[str, Any]], tokenizer, batch_size: int, regressi
 
 
 # -- training -----------------------------------------------------------------------------------
-def device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def warmup_then_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over ``WARMUP_FRACTION`` of the steps, then linear decay to 0."""
     warmup = max(1, round(WARMUP_FRACTION * total_steps))
@@ -178,7 +182,7 @@ def evaluate(model: nn.Module, loader, spec: TaskSpec) -> dict[str, float]:
     model.eval()
     predictions, labels = [], []
     for batch in loader:
-        batch = {k: v.to(device()) for k, v in batch.items()}
+        batch = {k: v.to(default_device()) for k, v in batch.items()}
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         predictions += logits.squeeze(-1).tolist() if spec.is_regression else logits.argmax(-1).tolist()
         labels += batch["labels"].tolist()
@@ -186,24 +190,15 @@ def evaluate(model: nn.Module, loader, spec: TaskSpec) -> dict[str, float]:
     return {**metrics, "score": main_score(spec.name, metrics)}
 
 
-def peak_memory_mb() -> dict[str, Any]:
-    """Peak memory so far: CUDA allocated memory, or on CPU the process's peak resident set size."""
-    if torch.cuda.is_available():
-        return {"mb": torch.cuda.max_memory_allocated() / 2**20, "kind": "torch.cuda.max_memory_allocated"}
-    return {"mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "kind": "process peak RSS (ru_maxrss): whole process so far, includes data and earlier methods"}
-
-
 def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokenizer,
                  save_dir: Optional[Path] = None) -> MethodRun:
     """Train one method on ``data``; dev metrics after every epoch; returns the result and merged model."""
     spec = data.spec
     torch.manual_seed(s.seed)  # same head init, LoRA init, dropout and data order for every method
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    since_reset = reset_peak_memory()
     model = load_sequence_classifier(s.model, spec.num_labels)
     model = prepare_model(model, method, s.rank, selection=s.selection, seed=s.seed,
-                          modules_to_save=classifier_head(model)).to(device())
+                          modules_to_save=classifier_head(model)).to(default_device())
     trainable = count_trainable(model)
     train_loader = batches(data.train, tokenizer, s.batch_size, spec.is_regression,
                            torch.Generator().manual_seed(s.seed))
@@ -221,7 +216,7 @@ def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokeni
         epoch_losses = []
         for batch in progress(train_loader, desc=f"{spec.name} {method} epoch {epoch}/{s.epochs}"):
             tick = time.perf_counter()
-            loss = model(**{k: v.to(device()) for k, v in batch.items()}).loss
+            loss = model(**{k: v.to(default_device()) for k, v in batch.items()}).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
             optimizer.step()
@@ -255,7 +250,7 @@ def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokeni
         "wall_seconds": wall,
         "step_seconds_median": sorted(step_times)[len(step_times) // 2],
         "resample_seconds": resample_seconds,
-        "peak_memory": peak_memory_mb(),
+        "peak_memory": peak_memory_mb(since_reset),
         "saved_to": None if save_dir is None else str(save_dir),
     }
     return MethodRun(result, model)
