@@ -39,6 +39,9 @@ def write_json(path: str | Path, data: Any) -> Path:
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle, indent=2, default=str)
         handle.write("\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     os.replace(tmp, path)
     return path
 
