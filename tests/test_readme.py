@@ -23,6 +23,10 @@ def test_api_example_runs():
     exec(compile(block_after("<!-- example:api -->"), "README-example", "exec"), {})
 
 
+def test_trainer_example_runs():
+    exec(compile(block_after("<!-- example:trainer -->"), "README-trainer-example", "exec"), {})
+
+
 def test_setup_command_pins_cpu_torch_before_the_package():
     setup = block_after("<!-- ci:setup -->")
     assert setup.index("torch==2.13.0") < setup.index('-e ".[all]"')
