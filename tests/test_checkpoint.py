@@ -50,7 +50,32 @@ def gpt2_loss(model: nn.Module, step: int) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
 
 
-MODELS = {"mlp": (mlp, mlp_loss), "gpt2": (tiny_gpt2, gpt2_loss)}
+class ConvEmbed(nn.Module):
+    """Token embedding (with a padding row) -> Conv2d over a [dim x length] image -> linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8, padding_idx=0)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 6, 3)
+
+    def forward(self, ids):
+        image = self.embed(ids).unsqueeze(1)  # [B, 1, 6, 8]
+        return self.head(torch.relu(self.conv(image)).flatten(1))
+
+
+def conv_embed_loss(model: nn.Module, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step)
+    ids, y = torch.randint(0, 20, (4, 6), generator=g), torch.randint(0, 3, (4,), generator=g)
+    return nn.functional.cross_entropy(model(ids), y)
+
+
+# kind -> (model factory, loss, target_modules)
+MODELS = {
+    "mlp": (mlp, mlp_loss, None),
+    "gpt2": (tiny_gpt2, gpt2_loss, None),
+    "conv_embed": (ConvEmbed, conv_embed_loss, ["embed", "conv", "head"]),
+}
 
 
 @dataclass
@@ -65,9 +90,9 @@ class Run:
 
     @classmethod
     def build(cls, kind: str, init_seed: int = 0, rank: int = 2) -> "Run":
-        make, loss_fn = MODELS[kind]
+        make, loss_fn, targets = MODELS[kind]
         torch.manual_seed(init_seed)
-        model = rosa.wrap(make(), rosa.RosaConfig(rank=rank, dropout=0.1, seed=5))
+        model = rosa.wrap(make(), rosa.RosaConfig(rank=rank, dropout=0.1, seed=5, target_modules=targets))
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
@@ -102,7 +127,7 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert not different, f"tensors differ: {different}"
 
 
-@pytest.mark.parametrize("kind", ["mlp", "gpt2"])
+@pytest.mark.parametrize("kind", list(MODELS))
 @pytest.mark.parametrize("save_at", [2, RESAMPLE_EVERY])  # just before / just after the first resample
 def test_resume_is_bitwise_identical_across_a_resample(tmp_path, kind, save_at):
     reference = Run.build(kind)
