@@ -178,3 +178,66 @@ def test_malformed_csv_row_is_reported_with_file_and_line(tmp_path, model_dir):
 def test_bad_options_exit_with_a_clear_message(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         main(["e2e", "--out", str(tmp_path), *argv])
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    texts = [format_prompt(mr) + " " + ref for mr, ref in synthetic_rows()]
+    return e2e.write_tiny_model(tmp_path_factory.mktemp("tiny-llama-resume"), texts, "llama")
+
+
+def resumable_cli(model_dir: Path, data_csv: Path, out: Path, *extra: str) -> dict:
+    """6 steps of 3 batches per epoch: checkpoints at 2, 4 and 6, a resample at 3, epochs begin at 1, 4."""
+    return run_cli(model_dir, data_csv, out, "--methods", "rosa", "--epochs", "2", "--max-steps", "6", "--resample-every", "3",
+                   "--max-train-examples", "12", "--checkpoint-every", "2", *extra)
+
+
+def crash_at_step(monkeypatch, step: int) -> None:
+    """Make the training loop raise in its ``step``-th optimizer step (at gradient clipping)."""
+    calls = itertools.count(1)
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_or_crash(*args, **kwargs):
+        if next(calls) == step:
+            raise KeyboardInterrupt(f"simulated crash at step {step}")
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_or_crash)
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(llama_dir, data_csv, tmp_path, monkeypatch):
+    expected = resumable_cli(llama_dir, data_csv, tmp_path / "whole")["methods"]["rosa"]
+    assert expected["resample_steps"] == [3] and not (tmp_path / "whole" / "checkpoints" / "rosa").exists()
+
+    out = tmp_path / "crashed"
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, 5)  # after the checkpoint of step 4: 2nd epoch, 1 batch in, after a resample
+        with pytest.raises(KeyboardInterrupt):
+            resumable_cli(llama_dir, data_csv, out)
+    assert rosa.checkpoint.is_checkpoint(out / "checkpoints" / "rosa")
+    with pytest.raises(SystemExit, match="pass --resume"):
+        resumable_cli(llama_dir, data_csv, out)
+    resumed = resumable_cli(llama_dir, data_csv, out, "--resume")["methods"]["rosa"]
+    for key in ("train_loss_curve", "resample_steps", "train_tokens", "generations", "metrics", "merge_check"):
+        assert resumed[key] == expected[key], key
+    assert not (out / "checkpoints" / "rosa").exists()  # deleted after the successful run
+
+
+def test_resume_of_finished_training_goes_straight_to_generation(model_dir, data_csv, tmp_path, monkeypatch):
+    expected = run_cli(model_dir, data_csv, tmp_path, "--keep-checkpoints")["methods"]
+    for method in expected:
+        assert rosa.checkpoint.is_checkpoint(tmp_path / "checkpoints" / method)
+    crash_at_step(monkeypatch, 1)  # any training step would raise
+    resumed = run_cli(model_dir, data_csv, tmp_path, "--resume", "--num-beams", "2")["methods"]
+    for method, r in resumed.items():
+        assert r["train_loss_curve"] == expected[method]["train_loss_curve"]
+        assert r["resample_steps"] == expected[method]["resample_steps"]
+        assert len(r["generations"]) == 3
+
+
+def test_resume_with_other_settings_is_refused_naming_them(llama_dir, data_csv, tmp_path):
+    resumable_cli(llama_dir, data_csv, tmp_path, "--keep-checkpoints")
+    with pytest.raises(SystemExit, match=r"(?s)other settings:.*lr: 0\.001 in the checkpoint, 0\.01 now.*rank: 8"):
+        resumable_cli(llama_dir, data_csv, tmp_path, "--resume", "--lr", "0.01", "--rank", "4")
+    with pytest.raises(SystemExit, match="train_data_sha256"):
+        resumable_cli(llama_dir, data_csv, tmp_path, "--resume", "--max-train-examples", "11")

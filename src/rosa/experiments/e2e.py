@@ -7,18 +7,25 @@ the target tokens only. Every held-out MR is generated once (greedy or beam sear
 against all of its references with :func:`compute_nlg_metrics`. For ROSA the held-out MRs are
 generated twice, before and after merging, to check that the merged plain model generates the
 same text (zero inference overhead).
+
+Training saves a checkpoint of each method to ``OUT/checkpoints/METHOD`` every ``--checkpoint-every``
+optimizer steps and at the end (model, optimizer, LR scheduler, ROSA's resample schedule, RNG states,
+progress and the data order); ``--resume`` continues from there and reproduces the uninterrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
+import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Iterator, Optional, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -49,6 +56,11 @@ IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt and padding)
 HUB_DATASET = "tuetschek/e2e_nlg"
 SAMPLE_MRS = 10  # held-out MRs shown in samples.md
 
+CHECKPOINT_EVERY = 50  # optimizer steps between checkpoints (one is always saved at the end)
+# fields left out of a checkpoint's training settings: a resumed run may change them (lr enters per method)
+NOT_TRAINING_SETTINGS = ("methods", "lr", "checkpoint_every", "max_eval_mrs", "num_beams", "max_new_tokens",
+                         "gen_batch_size")
+
 T = TypeVar("T")
 
 
@@ -77,6 +89,24 @@ class E2ESettings:
     num_beams: int = 1
     max_new_tokens: int = 64
     gen_batch_size: int = 16
+    checkpoint_every: int = CHECKPOINT_EVERY
+
+
+@dataclass
+class TrainProgress:
+    """Where training stands after ``step`` optimizer steps; saved as a checkpoint's ``extra``.
+
+    ``data_position`` is where the data order stands: the loader's generator state when the current
+    epoch began and the batches of that epoch already trained on (see :func:`endless`).
+    """
+
+    settings: dict[str, Any]
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    resample_seconds: float = 0.0
+    data_position: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -258,10 +288,22 @@ def training_loader(data: E2EData, tokenizer, s: E2ESettings) -> torch.utils.dat
     )
 
 
-def endless(loader: Iterable[T]) -> Iterator[T]:
-    """The loader's batches, epoch after epoch (a shuffling loader reshuffles each epoch)."""
+def endless(loader: torch.utils.data.DataLoader, position: Optional[dict[str, Any]] = None
+            ) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """The loader's batches epoch after epoch (reshuffled each epoch), each with the data position after it.
+
+    A position is ``{"epoch_rng": loader.generator's state when the epoch began, "batches": batches of
+    the epoch done}``; passing one continues with the batch after it, as the uninterrupted loop would.
+    """
+    skip = 0
+    if position is not None:
+        loader.generator.set_state(position["epoch_rng"])
+        skip = position["batches"]
     while True:
-        yield from loader
+        epoch_rng = loader.generator.get_state()
+        for done, batch in enumerate(itertools.islice(loader, skip, None), skip + 1):
+            yield batch, {"epoch_rng": epoch_rng, "batches": done}
+        skip = 0
 
 
 def total_steps(s: E2ESettings, steps_per_epoch: int) -> int:
@@ -270,9 +312,12 @@ def total_steps(s: E2ESettings, steps_per_epoch: int) -> int:
     return steps if s.max_steps is None else min(steps, s.max_steps)
 
 
-def train(model: nn.Module, method: str, lr: float, loader, s: E2ESettings) -> dict[str, Any]:
+def train(model: nn.Module, method: str, lr: float, loader: torch.utils.data.DataLoader, s: E2ESettings,
+          checkpoint_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Train ``model`` in place (AdamW, warmup then linear decay, clipping); ROSA resamples on schedule.
 
+    Continues from the checkpoint in ``checkpoint_dir`` if there is one (``settings`` must match
+    :func:`check_resumable`), and saves one there every ``s.checkpoint_every`` steps and at the end.
     Returns the per-step loss curve, resample steps, tokens and timing.
     """
     from transformers import get_linear_schedule_with_warmup
@@ -281,11 +326,13 @@ def train(model: nn.Module, method: str, lr: float, loader, s: E2ESettings) -> d
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, max(1, round(WARMUP_FRACTION * steps)), steps)
     schedule = rosa.ResampleSchedule(every_steps=s.resample_every or len(loader)) if method == "rosa" else None
-    losses: list[float] = []
-    tokens, resample_seconds = 0, 0.0
-    start = time.perf_counter()
+    state = (TrainProgress(**rosa.load_checkpoint(checkpoint_dir, model, optimizer, scheduler, schedule))
+             if rosa.checkpoint.is_checkpoint(checkpoint_dir) else TrainProgress(settings))
+    start = time.perf_counter() - state.seconds
     model.train()
-    for step, batch in enumerate(progress(itertools.islice(endless(loader), steps), f"e2e {method} train", steps), 1):
+    batches = itertools.islice(endless(loader, state.data_position), steps - state.step)
+    for step, (batch, position) in enumerate(progress(batches, f"e2e {method} train", steps - state.step),
+                                             state.step + 1):
         batch = {k: v.to(default_device()) for k, v in batch.items()}
         loss = model(**batch).loss
         loss.backward()
@@ -293,31 +340,79 @@ def train(model: nn.Module, method: str, lr: float, loader, s: E2ESettings) -> d
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        tokens += int(batch["attention_mask"].sum())
+        state.losses.append(loss.item())
+        state.tokens += int(batch["attention_mask"].sum())
         if schedule is not None and step < steps:  # a resample after the last step would be wasted
             tick = time.perf_counter()
             schedule.step(model, optimizer)
-            resample_seconds += time.perf_counter() - tick
+            state.resample_seconds += time.perf_counter() - tick
+        if step % s.checkpoint_every == 0 or step == steps:
+            state.step, state.data_position, state.seconds = step, position, time.perf_counter() - start
+            rosa.save_checkpoint(checkpoint_dir, model, optimizer, scheduler, schedule, extra=asdict(state))
     seconds = time.perf_counter() - start
     return {
-        "lr": lr, "steps": steps, "train_loss_curve": losses,
+        "lr": lr, "steps": steps, "train_loss_curve": state.losses,
         "resample_steps": [] if schedule is None else list(schedule.resample_points),
-        "train_tokens": tokens, "train_seconds": seconds, "train_tokens_per_second": tokens / seconds,
-        "resample_seconds": resample_seconds,
+        "train_tokens": state.tokens, "train_seconds": seconds, "train_tokens_per_second": state.tokens / seconds,
+        "resample_seconds": state.resample_seconds,
     }
 
 
-def run_method(method: str, s: E2ESettings, data: E2EData, tokenizer, save_dir: Optional[Path] = None
+# -- checkpoints --------------------------------------------------------------------------------
+def checkpoint_dir(out_dir: Path, method: str) -> Path:
+    """Where ``method``'s training checkpoint lives."""
+    return out_dir / "checkpoints" / method
+
+
+def training_settings(s: E2ESettings, method: str, data: E2EData) -> dict[str, Any]:
+    """What fixes ``method``'s training: its settings, learning rate and a hash of the encoded training data."""
+    settings = {k: v for k, v in asdict(s).items() if k not in NOT_TRAINING_SETTINGS}
+    encoded = json.dumps(data.encoded, separators=(",", ":")).encode()
+    return {**settings, "method": method, "lr": s.lr[method], "train_data_sha256": hashlib.sha256(encoded).hexdigest()}
+
+
+def saved_settings(directory: Path) -> Optional[dict[str, Any]]:
+    """The training settings stored with the checkpoint in ``directory``, or None when there is none."""
+    try:
+        rosa.checkpoint.checkpoint_metadata(directory)  # checks the files (and recovers an interrupted save)
+    except FileNotFoundError:
+        return None
+    state = json.loads((directory / rosa.checkpoint.STATE_JSON).read_text())
+    return (state["extra"] or {}).get("settings")
+
+
+def check_resumable(directory: Path, settings: dict[str, Any], resume: bool) -> None:
+    """Raise ``CheckpointError`` if a checkpoint in ``directory`` cannot be continued with ``settings``.
+
+    Without ``resume`` any checkpoint is refused (a fresh run would overwrite it); with it, one whose
+    training settings differ, naming each difference.
+    """
+    saved = saved_settings(directory)
+    if saved is None:
+        return
+    if not resume:
+        raise rosa.checkpoint.CheckpointError(
+            f"{directory} holds a training checkpoint; pass --resume to continue it, or delete it to start over")
+    differences = [f"{key}: {saved.get(key)!r} in the checkpoint, {settings.get(key)!r} now"
+                   for key in sorted(saved.keys() | settings.keys()) if saved.get(key) != settings.get(key)]
+    if differences:
+        raise rosa.checkpoint.CheckpointError(
+            f"cannot resume from {directory}: it was trained with other settings:\n  "
+            + "\n  ".join(differences) + "\nrerun with the same settings, or delete the checkpoint to start over")
+
+
+def run_method(method: str, s: E2ESettings, data: E2EData, tokenizer, out_dir: Path, save_dir: Optional[Path] = None
                ) -> dict[str, Any]:
-    """Train one method, merge it, generate for every held-out MR and score; returns the JSON-ready result."""
+    """Train one method (resuming its checkpoint in ``out_dir`` if any), merge it, generate for every
+    held-out MR and score; returns the JSON-ready result."""
     torch.manual_seed(s.seed)  # same LoRA init, dropout and data order for every method
     memory_window = reset_peak_memory()
     start = time.perf_counter()
     model = prepare_model(load_causal_lm(s.model), method, s.rank, selection=s.selection, seed=s.seed)
     model = model.to(default_device())
     trainable = count_trainable(model)
-    result = train(model, method, s.lr[method], training_loader(data, tokenizer, s), s)
+    result = train(model, method, s.lr[method], training_loader(data, tokenizer, s), s,
+                   checkpoint_dir(out_dir, method), training_settings(s, method, data))
     prompts = [encode_prompt(tokenizer, g.mr) for g in data.eval]
     tick = time.perf_counter()
     if method == "rosa":
@@ -341,10 +436,18 @@ def run_method(method: str, s: E2ESettings, data: E2EData, tokenizer, save_dir: 
     }
 
 
-def run(s: E2ESettings, data: E2EData, tokenizer, out_dir: str | Path, save: bool = False) -> dict[str, Any]:
-    """Run every method of ``s``; write result.json, summary.md, samples.md and loss.png to ``out_dir``."""
+def run(s: E2ESettings, data: E2EData, tokenizer, out_dir: str | Path, save: bool = False, resume: bool = False,
+        keep_checkpoints: bool = False) -> dict[str, Any]:
+    """Run every method of ``s``; write result.json, summary.md, samples.md and loss.png to ``out_dir``.
+
+    With ``resume`` each method continues from its checkpoint (if any); all checkpoints are checked
+    before any training starts. They are deleted once every output is written, unless ``keep_checkpoints``.
+    """
     out_dir = Path(out_dir)
-    methods = {m: run_method(m, s, data, tokenizer, out_dir / f"model-{m}" if save else None) for m in s.methods}
+    for m in s.methods:
+        check_resumable(checkpoint_dir(out_dir, m), training_settings(s, m, data), resume)
+    methods = {m: run_method(m, s, data, tokenizer, out_dir, out_dir / f"model-{m}" if save else None)
+               for m in s.methods}
     result = {
         "experiment": "e2e",
         "settings": asdict(s),
@@ -358,6 +461,9 @@ def run(s: E2ESettings, data: E2EData, tokenizer, out_dir: str | Path, save: boo
                    result["machine"])
     write_samples(out_dir / "samples.md", result, data.eval)
     plot(result, out_dir / "loss.png")
+    if not keep_checkpoints:
+        for m in s.methods:
+            shutil.rmtree(checkpoint_dir(out_dir, m), ignore_errors=True)
     return result
 
 
@@ -498,10 +604,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/e2e", help="output folder (default: %(default)s)")
     parser.add_argument("--save", action="store_true",
                         help="save each merged model (save_pretrained) to OUT/model-METHOD")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                        help="optimizer steps between training checkpoints in OUT/checkpoints/METHOD; one is "
+                        "also saved when training ends (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each method from its checkpoint in OUT/checkpoints (exactly as if never "
+                        "interrupted; a finished one goes straight to generation); refused if the training "
+                        "settings differ. Without --resume an existing checkpoint is an error")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep OUT/checkpoints after a successful run (by default deleted once all "
+                        "outputs are written)")
 
 
 POSITIVE_OPTIONS = ("rank", "epochs", "max_steps", "batch_size", "max_length", "resample_every", "max_train_examples",
-                    "max_eval_mrs", "num_beams", "max_new_tokens", "gen_batch_size")
+                    "max_eval_mrs", "num_beams", "max_new_tokens", "gen_batch_size", "checkpoint_every")
 
 
 def settings_from_args(args: argparse.Namespace) -> E2ESettings:
@@ -520,7 +636,7 @@ def settings_from_args(args: argparse.Namespace) -> E2ESettings:
         max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
         resample_every=args.resample_every, seed=args.seed, selection=args.selection,
         max_train_examples=args.max_train_examples, max_eval_mrs=args.max_eval_mrs, num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
+        max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size, checkpoint_every=args.checkpoint_every,
     )
 
 
@@ -547,7 +663,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"rosa e2e: {err}") from None
     if not data.train or not data.eval:
         raise SystemExit(f"rosa e2e: need training pairs and held-out MRs, got {data.sizes}")
-    result = run(s, data, tokenizer, args.out, save=args.save)
+    try:
+        result = run(s, data, tokenizer, args.out, save=args.save, resume=args.resume,
+                     keep_checkpoints=args.keep_checkpoints)
+    except rosa.checkpoint.CheckpointError as err:  # a checkpoint that cannot be continued
+        raise SystemExit(f"rosa e2e: {err}") from None
     print(format_table(summary_rows(result), TABLE_COLUMNS))
     sizes = result["data"]
     print(f"train {sizes['train_examples']} (mr, ref) pairs from {sizes['train_mrs']} MRs; "
