@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import rosa.checkpoint
+
 pytest.importorskip("peft")
 
 from rosa.cli import main  # noqa: E402
@@ -140,3 +142,51 @@ def test_length_grouped_batches_cover_every_example_once_and_reshuffle():
     assert again == first  # but reproducible from the seed
     evaluation = [i for batch in glue.LengthGroupedBatches(lengths, 8) for i in batch]
     assert [lengths[i] for i in evaluation] == sorted(lengths)
+
+
+RESUMABLE = ["--task", "RTE", "--data-dir", str(GLUE_DIR), "--max-train-samples", "16", "--max-eval-samples", "16",
+             "--max-length", "32", "--epochs", "2", "--batch-size", "4", "--methods", "rosa"]
+
+
+def interrupt_at_second_evaluation(monkeypatch) -> None:
+    """Make ``rosa glue`` crash while evaluating epoch 2, after epoch 1's checkpoint was written."""
+    evaluate, calls = glue.evaluate, []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("interrupted in epoch 2")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(glue, "evaluate", crashing)
+
+
+@pytest.mark.real_model
+@needs_glue
+def test_resume_after_an_interrupted_epoch_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    run_cli(*RESUMABLE, "--out", str(tmp_path / "whole"))
+    whole = json.loads((tmp_path / "whole" / "result.json").read_text())["methods"]["rosa"]
+    assert not (tmp_path / "whole" / "checkpoints").exists()  # deleted after success by default
+
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        interrupt_at_second_evaluation(patch)
+        with pytest.raises(KeyboardInterrupt):
+            run_cli(*RESUMABLE, "--out", str(out))
+    assert rosa.checkpoint.is_checkpoint(out / "checkpoints" / "rosa")
+    with pytest.raises(SystemExit, match=r"other settings: .*lr 0\.001 \(checkpoint\) vs 0\.01 \(now\)"):
+        run_cli(*RESUMABLE, "--out", str(out), "--resume", "--lr", "0.01")
+
+    run_cli(*RESUMABLE, "--out", str(out), "--resume", "--keep-checkpoints")
+    resumed = json.loads((out / "result.json").read_text())["methods"]["rosa"]
+    assert resumed["epochs"] == whole["epochs"] and len(resumed["epochs"]) == 2
+    assert resumed["train_loss_curve"] == whole["train_loss_curve"]
+    assert resumed["resample_steps"] == whole["resample_steps"] == [4]
+
+    evaluations = []
+    monkeypatch.setattr(glue, "evaluate", lambda *args: evaluations.append(args))
+    run_cli(*RESUMABLE, "--out", str(out), "--resume")  # every epoch done: nothing is retrained
+    again = json.loads((out / "result.json").read_text())["methods"]["rosa"]
+    assert evaluations == []
+    assert again["epochs"] == resumed["epochs"] and again["wall_seconds"] == resumed["wall_seconds"]
+    assert not (out / "checkpoints").exists()

@@ -3,13 +3,20 @@
 ROSA, PEFT LoRA (same targets and rank) and full fine-tuning run side by side with the same
 seed, data order, head initialisation, budget and max length; a plain PyTorch loop (AdamW,
 linear warmup then decay, gradient clipping) keeps runs fast and deterministic.
+
+After every epoch each method checkpoints to ``OUT/checkpoints/METHOD`` (model, optimizer, LR
+scheduler, ROSA resample schedule, RNG and data-order state, results so far); ``--resume``
+continues from there and reproduces the uninterrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +26,7 @@ import torch
 from torch import nn
 
 import rosa
+from rosa.checkpoint import STATE_JSON, CheckpointError, checkpoint_metadata, is_checkpoint
 
 from .glue_data import GlueSplit, TaskSpec, compute_glue_metrics, get_task_spec, load_glue_hub, main_score, read_glue_split
 from .methods import METHODS, classifier_head, count_trainable, finalize_model, prepare_model
@@ -38,6 +46,10 @@ from .reporting import (
 DEFAULT_LR = {"rosa": 1e-3, "lora": 1e-3, "full": 5e-5}
 WARMUP_FRACTION = 0.06  # of all optimizer steps, linear warmup from 0 then linear decay to 0
 MAX_GRAD_NORM = 1.0
+CHECKPOINTS = "checkpoints"  # OUT/checkpoints/METHOD
+# GlueSettings fields a checkpoint must share with the run resuming it (the method's lr is added).
+RESUME_SETTINGS = ("task", "model", "rank", "seed", "epochs", "batch_size", "max_length", "resample_every",
+                   "selection", "max_train_samples", "max_eval_samples")
 NO_DATA = ("no GLUE data given: pass --data-dir path/to/glue_data (the download_glue_data.py layout, "
            "e.g. ../shared/data/glue), or --hub to download the nyu-mll/glue dataset")
 
@@ -71,6 +83,18 @@ class GlueData:
     train: list[dict[str, Any]]
     dev: list[dict[str, Any]]
     sizes: dict[str, Any]
+
+
+@dataclass
+class TrainState:
+    """What one method's training has produced so far; a checkpoint stores it after every epoch."""
+
+    epochs: list[dict[str, Any]] = field(default_factory=list)  # per-epoch train loss and dev metrics
+    losses: list[float] = field(default_factory=list)  # per optimizer step
+    resample_steps: list[int] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    resample_seconds: float = 0.0
+    wall_seconds: float = 0.0
 
 
 @dataclass
@@ -163,6 +187,44 @@ def batches(examples: list[dict[str, Any]], tokenizer, batch_size: int, regressi
     return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collate)
 
 
+# -- checkpoints --------------------------------------------------------------------------------
+def checkpoint_dir(out_dir: str | Path, method: str) -> Path:
+    """Where ``rosa glue`` checkpoints ``method``: ``OUT/checkpoints/METHOD``."""
+    return Path(out_dir) / CHECKPOINTS / method
+
+
+def resume_settings(s: GlueSettings, lr: float) -> dict[str, Any]:
+    """The settings a checkpoint must match to be resumed by a run with ``s`` and ``lr``."""
+    return {**{name: getattr(s, name) for name in RESUME_SETTINGS}, "lr": lr}
+
+
+def check_resumable(directory: Path, expected: dict[str, Any]) -> None:
+    """Raise ``CheckpointError`` naming every setting in which the checkpoint differs from ``expected``."""
+    checkpoint_metadata(directory)  # the checkpoint is complete and intact
+    saved = (json.loads((directory / STATE_JSON).read_text())["extra"] or {}).get("settings", {})
+    differences = [f"{name} {saved.get(name)!r} (checkpoint) vs {value!r} (now)"
+                   for name, value in expected.items() if saved.get(name) != value]
+    if differences:
+        raise CheckpointError(f"cannot resume from {str(directory)!r}: it was saved with other settings: "
+                              + ", ".join(differences) + "; rerun with its options, or without --resume to start over")
+
+
+def save_training(directory: Path, settings: dict[str, Any], state: TrainState, generator: torch.Generator,
+                  model: nn.Module, optimizer, scheduler, schedule) -> None:
+    """Checkpoint training after an epoch: model, optimizer, schedules, RNG and data order, results so far."""
+    extra = {"settings": settings, "state": asdict(state), "data_generator": generator.get_state()}
+    rosa.save_checkpoint(directory, model, optimizer, scheduler, schedule, extra=extra)
+
+
+def load_training(directory: Path, settings: dict[str, Any], generator: torch.Generator,
+                  model: nn.Module, optimizer, scheduler, schedule) -> TrainState:
+    """Restore a :func:`save_training` checkpoint (settings checked first); returns the training state it holds."""
+    check_resumable(directory, settings)
+    extra = rosa.load_checkpoint(directory, model, optimizer, scheduler, schedule)
+    generator.set_state(extra["data_generator"])
+    return TrainState(**extra["state"])
+
+
 # -- training -----------------------------------------------------------------------------------
 def warmup_then_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over ``WARMUP_FRACTION`` of the steps, then linear decay to 0."""
@@ -191,8 +253,13 @@ def evaluate(model: nn.Module, loader, spec: TaskSpec) -> dict[str, float]:
 
 
 def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokenizer,
-                 save_dir: Optional[Path] = None) -> MethodRun:
-    """Train one method on ``data``; dev metrics after every epoch; returns the result and merged model."""
+                 save_dir: Optional[Path] = None, checkpoints: Optional[Path] = None,
+                 resume: bool = False) -> MethodRun:
+    """Train one method on ``data``; dev metrics after every epoch; returns the result and merged model.
+
+    With ``checkpoints``, a checkpoint is written there after every epoch; with ``resume`` too, an
+    existing one is loaded and only the epochs it lacks are trained.
+    """
     spec = data.spec
     torch.manual_seed(s.seed)  # same head init, LoRA init, dropout and data order for every method
     since_reset = reset_peak_memory()
@@ -200,18 +267,20 @@ def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokeni
     model = prepare_model(model, method, s.rank, selection=s.selection, seed=s.seed,
                           modules_to_save=classifier_head(model)).to(default_device())
     trainable = count_trainable(model)
-    train_loader = batches(data.train, tokenizer, s.batch_size, spec.is_regression,
-                           torch.Generator().manual_seed(s.seed))
+    generator = torch.Generator().manual_seed(s.seed)
+    train_loader = batches(data.train, tokenizer, s.batch_size, spec.is_regression, generator)
     dev_loader = batches(data.dev, tokenizer, 2 * s.batch_size, spec.is_regression)
     total_steps = s.epochs * len(train_loader)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     scheduler = warmup_then_decay(optimizer, total_steps)
     schedule = rosa.ResampleSchedule(every_steps=s.resample_every or len(train_loader)) if method == "rosa" else None
 
-    losses, epochs, resample_steps, step_times = [], [], [], []
-    resample_seconds = 0.0
-    start = time.perf_counter()
-    for epoch in range(1, s.epochs + 1):
+    settings = resume_settings(s, lr)
+    state = TrainState()
+    if resume and checkpoints is not None and is_checkpoint(checkpoints):
+        state = load_training(checkpoints, settings, generator, model, optimizer, scheduler, schedule)
+    for epoch in range(len(state.epochs) + 1, s.epochs + 1):
+        start = time.perf_counter()
         model.train()
         epoch_losses = []
         for batch in progress(train_loader, desc=f"{spec.name} {method} epoch {epoch}/{s.epochs}"):
@@ -222,17 +291,19 @@ def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokeni
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step_times.append(time.perf_counter() - tick)
+            state.step_times.append(time.perf_counter() - tick)
             epoch_losses.append(loss.item())
-            if schedule is not None and len(step_times) < total_steps:  # a resample after the last step is moot
+            if schedule is not None and len(state.step_times) < total_steps:  # a resample after the last step is moot
                 tick = time.perf_counter()
                 if schedule.step(model, optimizer):
-                    resample_steps.append(len(step_times))
-                resample_seconds += time.perf_counter() - tick
-        losses += epoch_losses
-        epochs.append({"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses),
-                       "dev": evaluate(model, dev_loader, spec)})
-    wall = time.perf_counter() - start
+                    state.resample_steps.append(len(state.step_times))
+                state.resample_seconds += time.perf_counter() - tick
+        state.losses += epoch_losses
+        state.epochs.append({"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses),
+                             "dev": evaluate(model, dev_loader, spec)})
+        state.wall_seconds += time.perf_counter() - start
+        if checkpoints is not None:
+            save_training(checkpoints, settings, state, generator, model, optimizer, scheduler, schedule)
 
     model = finalize_model(model, method).eval()
     if save_dir is not None:
@@ -241,26 +312,38 @@ def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokeni
     result = {
         "lr": lr,
         "trainable_params": trainable,
-        "epochs": epochs,
-        "final_dev": epochs[-1]["dev"],
-        "final_score": epochs[-1]["dev"]["score"],
-        "train_loss_curve": losses,
-        "resample_steps": resample_steps,
+        "epochs": state.epochs,
+        "final_dev": state.epochs[-1]["dev"],
+        "final_score": state.epochs[-1]["dev"]["score"],
+        "train_loss_curve": state.losses,
+        "resample_steps": state.resample_steps,
         "steps": total_steps,
-        "wall_seconds": wall,
-        "step_seconds_median": sorted(step_times)[len(step_times) // 2],
-        "resample_seconds": resample_seconds,
-        "peak_memory": peak_memory_mb(since_reset),
+        "wall_seconds": state.wall_seconds,
+        "step_seconds_median": sorted(state.step_times)[len(state.step_times) // 2],
+        "resample_seconds": state.resample_seconds,
+        "peak_memory": peak_memory_mb(since_reset),  # of this process only, when resumed
         "saved_to": None if save_dir is None else str(save_dir),
     }
     return MethodRun(result, model)
 
 
-def run(s: GlueSettings, data: GlueData, tokenizer, out_dir: str | Path, save: bool = False) -> dict[str, Any]:
-    """Train every method of ``s`` on ``data``; write ``result.json`` and ``glue.png`` into ``out_dir``."""
+def run(s: GlueSettings, data: GlueData, tokenizer, out_dir: str | Path, save: bool = False,
+        resume: bool = False, keep_checkpoints: bool = False) -> dict[str, Any]:
+    """Train every method of ``s`` on ``data``; write ``result.json`` and ``glue.png`` into ``out_dir``.
+
+    Each method checkpoints into ``OUT/checkpoints/METHOD`` after every epoch; ``resume`` continues
+    from those (all are checked against ``s`` before any training). The checkpoints are deleted once
+    the run has succeeded unless ``keep_checkpoints``.
+    """
     out_dir = Path(out_dir)
+    checkpoints = {m: checkpoint_dir(out_dir, m) for m in s.methods}
+    if resume:
+        for m, directory in checkpoints.items():
+            if is_checkpoint(directory):
+                check_resumable(directory, resume_settings(s, s.lr[m]))
     methods = {
-        m: train_method(m, s.lr[m], s, data, tokenizer, out_dir / f"model-{m}" if save else None).result
+        m: train_method(m, s.lr[m], s, data, tokenizer, out_dir / f"model-{m}" if save else None,
+                        checkpoints[m], resume).result
         for m in s.methods
     }
     result = {
@@ -273,6 +356,11 @@ def run(s: GlueSettings, data: GlueData, tokenizer, out_dir: str | Path, save: b
     }
     write_json(out_dir / "result.json", result)
     plot(result, out_dir / "glue.png")
+    if not keep_checkpoints:
+        for directory in checkpoints.values():
+            shutil.rmtree(directory, ignore_errors=True)
+        with contextlib.suppress(OSError):  # only if no other method's checkpoint is left
+            (out_dir / CHECKPOINTS).rmdir()
     return result
 
 
@@ -335,6 +423,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-eval-samples", type=int, help="evaluate on a seeded random subset of this size")
     parser.add_argument("--out", help="output folder (default: runs/glue/TASK)")
     parser.add_argument("--save", action="store_true", help="save each merged model (save_pretrained) to OUT/model-METHOD")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the per-epoch checkpoints in OUT/checkpoints/METHOD (same options "
+                             "required; finished methods are not retrained); without it they are overwritten")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep OUT/checkpoints after a successful run "
+                             "(default: deleted once result.json is written)")
 
 
 def settings_from_args(args: argparse.Namespace) -> GlueSettings:
@@ -366,7 +460,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     except (ValueError, OSError, ImportError, RuntimeError) as err:  # options, data files, model, hub
         raise SystemExit(f"rosa glue: {err}") from None
     out = Path(args.out) if args.out else Path("runs/glue") / s.task
-    result = run(s, data, tokenizer, out, save=args.save)
+    try:
+        result = run(s, data, tokenizer, out, save=args.save, resume=args.resume,
+                     keep_checkpoints=args.keep_checkpoints)
+    except CheckpointError as err:  # --resume from another run's checkpoint, or a damaged one
+        raise SystemExit(f"rosa glue: {err}") from None
     print(format_table(summary_rows(result), table_columns(result)))
     sizes = result["data"]
     print(f"train {sizes['train_samples']}/{sizes['train_total']} examples, dev {sizes['eval_samples']}/{sizes['eval_total']}")
