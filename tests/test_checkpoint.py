@@ -361,3 +361,11 @@ def test_trainer_resume_from_checkpoint_with_rosa_callback_is_exact(tmp_path):
     resumed, resumed_losses = trainer_run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-4"))
     assert resumed_losses == losses
     assert_same_state(state(resumed), state(model))
+
+
+def test_checkpoint_extra_reads_without_a_model(tmp_path):
+    run = Run.build("mlp")
+    run.save(tmp_path / "ckpt", 2)
+    assert checkpoint.checkpoint_extra(tmp_path / "ckpt") == {"step": 2}
+    with pytest.raises(FileNotFoundError):
+        checkpoint.checkpoint_extra(tmp_path / "missing")

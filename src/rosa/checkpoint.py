@@ -143,6 +143,17 @@ def checkpoint_metadata(directory: PathLike) -> dict:
     }
 
 
+def checkpoint_extra(directory: PathLike) -> dict:
+    """The ``extra`` dict saved with a checkpoint, read (and verified) without loading anything into a model.
+
+    Raises ``FileNotFoundError`` when there is no checkpoint, :class:`CheckpointError` when it is damaged.
+    """
+    directory = _recover(Path(directory))
+    _read_manifest(directory)  # complete and intact (hashes)
+    training = _decode(_read_json(directory / STATE_JSON), _read_tensors(directory / STATE_TENSORS))
+    return training["extra"] or {}
+
+
 def is_checkpoint(directory: PathLike) -> bool:
     """Whether ``directory`` holds a checkpoint written by :func:`save_checkpoint`."""
     return (Path(directory) / MANIFEST).is_file()

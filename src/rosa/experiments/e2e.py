@@ -374,11 +374,9 @@ def training_settings(s: E2ESettings, method: str, data: E2EData) -> dict[str, A
 def saved_settings(directory: Path) -> Optional[dict[str, Any]]:
     """The training settings stored with the checkpoint in ``directory``, or None when there is none."""
     try:
-        rosa.checkpoint.checkpoint_metadata(directory)  # checks the files (and recovers an interrupted save)
+        return rosa.checkpoint.checkpoint_extra(directory).get("settings")
     except FileNotFoundError:
         return None
-    state = json.loads((directory / rosa.checkpoint.STATE_JSON).read_text())
-    return (state["extra"] or {}).get("settings")
 
 
 def check_resumable(directory: Path, settings: dict[str, Any], resume: bool) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import random
 import shutil
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 import rosa
-from rosa.checkpoint import STATE_JSON, CheckpointError, checkpoint_metadata, is_checkpoint
+from rosa.checkpoint import CheckpointError, checkpoint_extra, is_checkpoint
 
 from .glue_data import GlueSplit, TaskSpec, compute_glue_metrics, get_task_spec, load_glue_hub, main_score, read_glue_split
 from .methods import METHODS, classifier_head, count_trainable, finalize_model, prepare_model
@@ -200,8 +199,7 @@ def resume_settings(s: GlueSettings, lr: float) -> dict[str, Any]:
 
 def check_resumable(directory: Path, expected: dict[str, Any]) -> None:
     """Raise ``CheckpointError`` naming every setting in which the checkpoint differs from ``expected``."""
-    checkpoint_metadata(directory)  # the checkpoint is complete and intact
-    saved = (json.loads((directory / STATE_JSON).read_text())["extra"] or {}).get("settings", {})
+    saved = checkpoint_extra(directory).get("settings", {})
     differences = [f"{name} {saved.get(name)!r} (checkpoint) vs {value!r} (now)"
                    for name, value in expected.items() if saved.get(name) != value]
     if differences:
