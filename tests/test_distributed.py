@@ -144,6 +144,9 @@ def test_deepspeed_zero3_parameters_are_refused():
     model[0].base.weight.ds_id = 0  # what DeepSpeed ZeRO-3 attaches to partitioned parameters
     with pytest.raises(NotImplementedError, match="DeepSpeed ZeRO-3"):
         rosa.resample(model)
+    with pytest.raises(NotImplementedError, match="rosa.merge: .*DeepSpeed ZeRO-3"):
+        rosa.merge(model)
+    assert rosa.rosa_layers(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     check_wrappers(build(), "resample")  # a plain model passes
 

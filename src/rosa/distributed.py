@@ -124,7 +124,7 @@ def sharding_wrapper(model: nn.Module) -> Optional[str]:
 
 
 def check_wrappers(model: nn.Module, operation: str) -> None:
-    """Refuse models ``operation`` (``"wrap"`` or ``"resample"``) would silently get wrong.
+    """Refuse models ``operation`` (``"wrap"``, ``"resample"`` or ``"merge"``) would silently get wrong.
 
     Raises ``NotImplementedError`` for sharded models (FSDP, FSDP2, DeepSpeed ZeRO-3), and
     ``ValueError`` when asked to wrap a model already inside ``DistributedDataParallel`` (factors

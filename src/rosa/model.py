@@ -184,6 +184,7 @@ def _factorize_chunk(layers: list[RosaLayer]) -> None:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every ROSA layer into a plain layer of its original type, in place; returns ``model``."""
+    check_wrappers(model, "merge")
     for name, layer in rosa_layers(model).items():
         _set_submodule(model, name, layer.merge())
     if hasattr(model, CONFIG_ATTR):
