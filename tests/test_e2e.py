@@ -3,7 +3,6 @@
 import csv
 import itertools
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from rosa.experiments import e2e  # noqa: E402
 from rosa.experiments.e2e_data import E2EExample, format_prompt, group_by_mr, read_e2e_csv, split_by_mr  # noqa: E402
 from rosa.experiments.models import load_causal_lm, load_tokenizer  # noqa: E402
 
-SHARED_DATA = Path(os.environ.get("ROSA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from helpers import SHARED_DATA  # noqa: E402
 NAMES = ["The Vaults", "Alimentum", "Blue Spice", "Cotto", "Giraffe", "Zizzi", "Aromi", "Loch Fyne"]
 FOODS = ["French", "Italian", "English", "Chinese"]
 AREAS = ["city centre", "riverside"]
@@ -45,13 +44,6 @@ def write_csv(path: Path, rows) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine extra threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

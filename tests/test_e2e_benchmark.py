@@ -1,41 +1,19 @@
 """The E2E benchmark script on its ``--tiny`` budget (a tiny random Llama on the real E2E dev set)."""
 
-import importlib.util
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("peft")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("ROSA_SHARED_DATA", REPO.parent / "shared" / "data"))
+from helpers import SHARED_DATA, load_benchmark  # noqa: E402
+
 DEV_CSV = SHARED_DATA / "e2e" / "dev.csv"
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("e2e_table", REPO / "benchmarks" / "e2e_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def one_thread():
-    """A tiny model on a busy machine runs fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.skipif(not DEV_CSV.is_file(), reason=f"E2E data not found at {DEV_CSV}")
-def test_tiny_budget_writes_json_markdown_samples_and_plot(tmp_path, one_thread):
-    bench = load_benchmark()
+def test_tiny_budget_writes_json_markdown_samples_and_plot(tmp_path):
+    bench = load_benchmark("e2e_table")
     report = bench.main(["--tiny", "--data", str(DEV_CSV), "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "e2e.json").read_text())
     assert saved["budget_name"] == "tiny" and saved["targets"] == report["targets"]

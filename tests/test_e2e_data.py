@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,7 @@ from rosa.experiments.e2e_data import (
     split_by_mr,
 )
 
-SHARED_DATA = Path(
-    os.environ.get("ROSA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+from helpers import SHARED_DATA
 DEV_CSV = SHARED_DATA / "e2e" / "dev.csv"
 needs_dev = pytest.mark.skipif(
     not DEV_CSV.is_file(), reason=f"E2E dev set not found at {DEV_CSV} (set ROSA_SHARED_DATA)"

@@ -21,13 +21,6 @@ from rosa.integrations.export import ADAPTER_WEIGHTS, export_lora  # noqa: E402
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2], [4, 4, 8, 0, 6, 1]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small SVDs are much faster on one thread on a shared, busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # -- vanilla PEFT side: nothing from rosa below this line until the next section --------------------

@@ -5,32 +5,21 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["ROSA_NO_PROGRESS"] = "1"
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("peft")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("ROSA_SHARED_DATA", REPO.parent / "shared" / "data"))
+from helpers import SHARED_DATA, load_benchmark  # noqa: E402
+
 GLUE_DIR = SHARED_DATA / "glue"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("glue_table", REPO / "benchmarks" / "glue_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.real_model
 @pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").is_file(), reason=f"GLUE data not found under {GLUE_DIR}")
 def test_tiny_budget_writes_json_and_markdown(tmp_path):
-    bench = load_benchmark()
+    bench = load_benchmark("glue_table")
     report = bench.main(["--tiny", "--tasks", "sts-b", "--data-dir", str(GLUE_DIR), "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "glue.json").read_text())
     assert saved["complete"] and saved["budget_name"] == "tiny" and list(saved["tasks"]) == ["STS-B"]
@@ -52,7 +41,7 @@ def test_tiny_budget_writes_json_and_markdown(tmp_path):
 
 
 def test_resume_keeps_finished_tasks_and_refuses_other_settings(tmp_path, monkeypatch):
-    bench = load_benchmark()
+    bench = load_benchmark("glue_table")
     finished = {"data": {"subsampled": True}, "runs": {}, "chosen": {}}
     report = {"benchmark": "glue", "budget_name": "tiny", "budget": bench.asdict(bench.BUDGETS["tiny"]),
               "model": "minilm", "rank": 8, "seed": 0, "tasks": {"STS-B": finished}, "total_seconds": 5.0}

@@ -21,7 +21,7 @@ pytest.importorskip("peft")
 from rosa.cli import main  # noqa: E402
 from rosa.experiments import glue  # noqa: E402
 
-SHARED_DATA = Path(os.environ.get("ROSA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from helpers import SHARED_DATA  # noqa: E402
 GLUE_DIR = SHARED_DATA / "glue"
 needs_glue = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").is_file(),
                                 reason=f"GLUE data not found under {GLUE_DIR} (set ROSA_SHARED_DATA)")

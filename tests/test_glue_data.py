@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 import types
 import warnings
@@ -21,10 +20,7 @@ from rosa.experiments.glue_data import (
     read_glue_split,
 )
 
-SHARED_DATA = Path(
-    os.environ.get("ROSA_SHARED_DATA")
-    or Path(__file__).resolve().parents[2] / "shared" / "data"
-)
+from helpers import SHARED_DATA
 GLUE_DIR = SHARED_DATA / "glue"
 
 needs_glue = pytest.mark.skipif(
