@@ -327,6 +327,10 @@ def is_supported(module: nn.Module) -> bool:
     return layer_class_for(module) is not None
 
 
+# The module types :func:`layer_class_for` adapts, for error messages.
+SUPPORTED_TYPES = "nn.Linear, transformers Conv1D, nn.Conv2d, nn.Embedding"
+
+
 def layer_class_for(module: nn.Module) -> Optional[type[RosaLayer]]:
     """The ROSA layer class that adapts ``module``, or ``None``."""
     if isinstance(module, RosaLayer):

@@ -14,7 +14,7 @@ from torch import nn
 from . import presets, subspace
 from .config import Patterns, RosaConfig, matches
 from .distributed import check_wrappers
-from .layers import RosaLayer, check_adaptable, check_weight, is_supported, layer_class_for
+from .layers import SUPPORTED_TYPES, RosaLayer, check_adaptable, check_weight, is_supported, layer_class_for
 from .schedule import reset_optimizer_state
 
 CONFIG_ATTR = "rosa_config"
@@ -62,7 +62,7 @@ def find_targets(model: nn.Module, config: RosaConfig) -> list[tuple[str, nn.Mod
             name, module = matched[0]
             raise ValueError(
                 f"RosaConfig.target_modules={wanted!r} matches only layers ROSA cannot adapt, e.g. {name!r} "
-                f"({type(module).__name__}); supported: nn.Linear, transformers Conv1D, nn.Conv2d, nn.Embedding"
+                f"({type(module).__name__}); supported: {SUPPORTED_TYPES}"
             )
     targets = [(n, m) for n, m in targets if not matches(n, config.exclude_modules)]
     if not targets:
