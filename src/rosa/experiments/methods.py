@@ -29,9 +29,18 @@ def check_method(method: str) -> str:
 
 
 def classifier_head(model: nn.Module) -> list[str]:
-    """Names of the model's sequence-classification head (``classifier`` or ``score``), if any."""
+    """Names of the modules between the backbone and the task output, trained fully by adapters.
+
+    The new head (``classifier`` or ``score``) and, in BERT-style classifiers, the pooler that feeds
+    it ``[CLS]`` (e.g. ``bert.pooler``). Sentence-embedding checkpoints such as all-MiniLM-L6-v2 were
+    trained with mean pooling, so a frozen pooler hands the head an untrained feature.
+    """
     children = dict(model.named_children())
-    return [name for name in CLASSIFIER_HEADS if name in children][:1]
+    head = [name for name in CLASSIFIER_HEADS if name in children][:1]
+    if not head:
+        return []
+    poolers = [name for name, _ in model.named_modules() if name.count(".") == 1 and name.endswith(".pooler")]
+    return head + poolers
 
 
 def prepare_model(
