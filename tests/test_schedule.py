@@ -65,3 +65,12 @@ def test_state_dict_round_trip_and_mismatch():
     assert restored.step(model) is True  # step 6 is due, as it would have been
     with pytest.raises(ValueError, match="schedule state"):
         rosa.ResampleSchedule(every_steps=3).load_state_dict(schedule.state_dict())
+
+
+def test_rewarmup_factor_ramps_after_the_latest_resample():
+    # the latest resample came after step 10; n = 3: steps 11, 12, 13 run at 1/4, 2/4, 3/4 of the LR
+    factors = [rosa.rewarmup_factor(done, [4, 10], 3) for done in range(15)]
+    assert factors[:10] == [1.0] * 10
+    assert factors[10:] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [rosa.rewarmup_factor(done, [4], 3) for done in range(3, 8)] == [1.0, 0.25, 0.5, 0.75, 1.0]
+    assert rosa.rewarmup_factor(5, [], 3) == rosa.rewarmup_factor(5, [4], 0) == 1.0

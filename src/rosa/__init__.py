@@ -4,7 +4,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RosaConfig
 from .layers import RosaConv2d, RosaEmbedding, RosaLayer, RosaLinear
 from .model import merge, parameter_report, print_trainable_parameters, resample, rosa_layers, wrap
-from .schedule import ResampleSchedule, reset_optimizer_state
+from .schedule import ResampleSchedule, reset_optimizer_state, rewarmup_factor
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ __all__ = [
     "print_trainable_parameters",
     "resample",
     "reset_optimizer_state",
+    "rewarmup_factor",
     "rosa_layers",
     "save_checkpoint",
     "wrap",

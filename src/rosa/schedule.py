@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from torch import nn
 
@@ -18,6 +18,20 @@ def reset_optimizer_state(optimizer: Any, params: Iterable[nn.Parameter]) -> int
     """Drop the optimizer state (moments, step counts) of ``params``; returns how many had state."""
     state = base_optimizer(optimizer).state
     return sum(state.pop(p, None) is not None for p in params)
+
+
+def rewarmup_factor(steps_done: int, resample_steps: Sequence[int], rewarmup_steps: int) -> float:
+    """LR multiplier for the optimizer step after ``steps_done`` steps, given the step counts after
+    which resamples happened (``ResampleSchedule.resample_points`` of a step schedule).
+
+    The j-th step after the latest resample (j = 1..``rewarmup_steps``) runs at j / (n + 1) of the
+    scheduled LR, as in ``RosaCallback``: the factors' optimizer state was just cleared, and Adam's
+    first steps from empty moments move every entry by about the full LR. 1.0 otherwise.
+    """
+    if rewarmup_steps < 1 or not resample_steps:
+        return 1.0
+    j = steps_done - resample_steps[-1] + 1
+    return j / (rewarmup_steps + 1) if 1 <= j <= rewarmup_steps else 1.0
 
 
 class ResampleSchedule:

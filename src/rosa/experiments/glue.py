@@ -48,7 +48,7 @@ MAX_GRAD_NORM = 1.0
 CHECKPOINTS = "checkpoints"  # OUT/checkpoints/METHOD
 # GlueSettings fields a checkpoint must share with the run resuming it (the method's lr is added).
 RESUME_SETTINGS = ("task", "model", "rank", "seed", "epochs", "batch_size", "max_length", "resample_every",
-                   "selection", "max_train_samples", "max_eval_samples")
+                   "rewarmup_steps", "selection", "max_train_samples", "max_eval_samples")
 NO_DATA = ("no GLUE data given: pass --data-dir path/to/glue_data (the download_glue_data.py layout, "
            "e.g. ../shared/data/glue), or --hub to download the nyu-mll/glue dataset")
 
@@ -68,6 +68,7 @@ class GlueSettings:
     batch_size: int = 16
     max_length: int = 128
     resample_every: Optional[int] = None  # optimizer steps; None = once per epoch
+    rewarmup_steps: int = 0  # after each ROSA resample, the LR ramps back up over this many steps
     seed: int = 0
     selection: str = "random"
     max_train_samples: Optional[int] = None
@@ -224,14 +225,18 @@ def load_training(directory: Path, settings: dict[str, Any], generator: torch.Ge
 
 
 # -- training -----------------------------------------------------------------------------------
-def warmup_then_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over ``WARMUP_FRACTION`` of the steps, then linear decay to 0."""
+def warmup_then_decay(optimizer: torch.optim.Optimizer, total_steps: int,
+                      schedule: Optional[rosa.ResampleSchedule] = None,
+                      rewarmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``WARMUP_FRACTION`` of the steps, then linear decay to 0; with a step
+    ``schedule``, also a linear re-warmup over ``rewarmup_steps`` after each of its resamples."""
     warmup = max(1, round(WARMUP_FRACTION * total_steps))
 
     def factor(step: int) -> float:
+        restart = rosa.rewarmup_factor(step, schedule.resample_points, rewarmup_steps) if schedule else 1.0
         if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+            return restart * (step + 1) / warmup
+        return restart * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -270,8 +275,8 @@ def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokeni
     dev_loader = batches(data.dev, tokenizer, 2 * s.batch_size, spec.is_regression)
     total_steps = s.epochs * len(train_loader)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    scheduler = warmup_then_decay(optimizer, total_steps)
     schedule = rosa.ResampleSchedule(every_steps=s.resample_every or len(train_loader)) if method == "rosa" else None
+    scheduler = warmup_then_decay(optimizer, total_steps, schedule, s.rewarmup_steps)
 
     settings = resume_settings(s, lr)
     state = TrainState()
@@ -287,7 +292,6 @@ def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokeni
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step_times.append(time.perf_counter() - tick)
             epoch_losses.append(loss.item())
@@ -296,6 +300,7 @@ def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokeni
                 if schedule.step(model, optimizer):
                     state.resample_steps.append(len(state.step_times))
                 state.resample_seconds += time.perf_counter() - tick
+            scheduler.step()  # after the resample, so that the next step's LR sees it
         state.losses += epoch_losses
         state.epochs.append({"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses),
                              "dev": evaluate(model, dev_loader, spec)})
@@ -414,6 +419,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example after truncation")
     parser.add_argument("--resample-every", type=int, help="optimizer steps between ROSA resamples (default: once per epoch)")
+    parser.add_argument("--rewarmup-steps", type=int, default=d.rewarmup_steps,
+                        help="after each ROSA resample, ramp the LR back up linearly over this many steps "
+                             "(the factors' optimizer state was cleared; default: %(default)s)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--selection", choices=("random", "top", "bottom"), default=d.selection,
                         help="which singular vectors ROSA trains (default: %(default)s)")
@@ -436,6 +444,8 @@ def settings_from_args(args: argparse.Namespace) -> GlueSettings:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.rewarmup_steps < 0:
+        raise ValueError(f"--rewarmup-steps must be >= 0, got {args.rewarmup_steps}")
     if args.data_dir is None and not args.hub:
         raise ValueError(NO_DATA)
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
@@ -444,7 +454,7 @@ def settings_from_args(args: argparse.Namespace) -> GlueSettings:
     return GlueSettings(
         task=spec.name, data_dir=args.data_dir, hub=args.hub, model=args.model, methods=list(dict.fromkeys(args.methods)),
         rank=args.rank, lr=lr, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
-        resample_every=args.resample_every, seed=args.seed, selection=args.selection,
+        resample_every=args.resample_every, rewarmup_steps=args.rewarmup_steps, seed=args.seed, selection=args.selection,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
     )
 
