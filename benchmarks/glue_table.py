@@ -6,15 +6,16 @@ each method's learning rate is picked from a small grid by its final dev score (
 rewritten after every task so a long run shows its progress.
 
 Budgets: ``--tiny`` runs in seconds (CI smoke test; the numbers mean nothing). The default was
-sized by timing on this project's 2-core CPU machine shared with three other jobs (load ~8),
-one torch thread, length-grouped batches: ROSA or LoRA on 400 STS-B examples x 2 epochs took
-~40 s including dev evaluation, full fine-tuning ~50-70 s; scaling by each task's tokens per
-example (CoLA 0.4x, MRPC 2x, RTE 2.5x of STS-B) gives about 70 minutes for 4 tasks x 3 methods x
-2 learning rates x 640 examples x 3 epochs. A pilot on STS-B set the grids (ROSA and LoRA share
-one). With 2 threads on that busy machine steps were up to 7x slower (thread oversubscription):
-leave threads at their default on an idle machine, use ``OMP_NUM_THREADS=1`` on a shared one.
+sized on this project's idle 2-core CPU machine with two workers of one torch thread each: ROSA or
+LoRA on 640 STS-B examples x 3 epochs took ~55 s including dev evaluation, full fine-tuning ~90 s;
+scaling by each task's tokens per example (CoLA 0.4x, MRPC 2x, RTE 2.5x of STS-B) and by 1280
+examples gives about an hour for 4 tasks x (3 + 3 + 2) runs. Pilots on 640 STS-B examples set the
+setup: an adapter-trained pooler (all-MiniLM-L6-v2's pooler never saw training for [CLS]; frozen,
+it held ROSA to 0.14 Pearson and LoRA to 0.25), the shared adapter LR grid, and ROSA's re-warmup.
+With 2 threads per process on a busy machine steps were up to 7x slower (oversubscription): keep
+workers x ``OMP_NUM_THREADS`` at most the core count.
 
-    python benchmarks/glue_table.py                 # default budget, ~70 min on 2 busy CPU cores
+    OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2   # default budget, ~1 h on 2 cores
     python benchmarks/glue_table.py --tiny --out /tmp/glue-smoke
 """
 
@@ -22,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -49,14 +52,16 @@ class Budget:
     epochs: int
     max_length: int
     batch_size: int
+    rewarmup_steps: int  # ROSA's LR re-warmup after each (once per epoch) resample
     lr_grid: dict[str, tuple[float, ...]]
 
 
+ADAPTER_LRS = (5e-4, 1e-3, 2e-3)  # ROSA and LoRA share one grid
 BUDGETS = {
-    "tiny": Budget(train_samples=16, eval_samples=16, epochs=1, max_length=32, batch_size=8,
+    "tiny": Budget(train_samples=16, eval_samples=16, epochs=1, max_length=32, batch_size=8, rewarmup_steps=1,
                    lr_grid={"rosa": (5e-4, 1.5e-3), "lora": (5e-4, 1.5e-3), "full": (3e-5, 1e-4)}),
-    "default": Budget(train_samples=640, eval_samples=400, epochs=3, max_length=128, batch_size=8,
-                      lr_grid={"rosa": (5e-4, 1.5e-3), "lora": (5e-4, 1.5e-3), "full": (3e-5, 1e-4)}),
+    "default": Budget(train_samples=1280, eval_samples=800, epochs=3, max_length=128, batch_size=8, rewarmup_steps=20,
+                      lr_grid={"rosa": ADAPTER_LRS, "lora": ADAPTER_LRS, "full": (3e-5, 1e-4)}),
 }
 # The ROSA vs LoRA step-time comparison: steps per method, and tokens per example of its batch.
 TIMING_STEPS = {"tiny": 2, "default": 20}
@@ -67,7 +72,7 @@ def run_task(task: str, budget: Budget, args: argparse.Namespace) -> dict[str, A
     """Every method at every grid LR on one task; the chosen LR per method is the best final dev score."""
     settings = glue.GlueSettings(
         task=task, data_dir=str(args.data_dir), model=args.model, rank=args.rank, epochs=budget.epochs,
-        batch_size=budget.batch_size, max_length=budget.max_length, seed=args.seed,
+        batch_size=budget.batch_size, max_length=budget.max_length, rewarmup_steps=budget.rewarmup_steps, seed=args.seed,
         max_train_samples=budget.train_samples, max_eval_samples=budget.eval_samples,
     )
     tokenizer = glue.load_tokenizer(settings.model)
@@ -82,6 +87,18 @@ def run_task(task: str, budget: Budget, args: argparse.Namespace) -> dict[str, A
                   f"({result['wall_seconds']:.0f} s, {1000 * result['step_seconds_median']:.0f} ms/step)", flush=True)
     chosen = {m: max(r.values(), key=lambda r: r["final_score"]) for m, r in runs.items()}
     return {"data": data.sizes, "chosen": chosen, "runs": runs}
+
+
+def run_tasks(tasks: list[str], budget: Budget, args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(task, result)`` for each task as it finishes, ``args.workers`` tasks at a time (separate processes)."""
+    if args.workers == 1:
+        yield from ((task, run_task(task, budget, args)) for task in tasks)
+        return
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
+    with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+        futures = {pool.submit(run_task, task, budget, args): task for task in tasks}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
 
 def step_time_ab(budget: Budget, steps: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -178,10 +195,13 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Same for every method: seed {report['seed']}, {budget['epochs']} epochs, batch size "
         f"{budget['batch_size']}, max length {budget['max_length']}, AdamW with linear warmup/decay, "
-        f"ROSA resampling once per epoch, LoRA alpha = rank on the same target layers.",
+        f"ROSA resampling once per epoch with a {budget['rewarmup_steps']}-step LR re-warmup after each resample, "
+        f"LoRA alpha = rank on the same target layers; ROSA and LoRA also train the classifier head and "
+        f"the pooler that feeds it.",
         "**Subsampled** (seeded random subsets, the same for every method): " + "; ".join(sizes) + "."
         if any(tasks[t]["data"]["subsampled"] for t in names) else "No subsampling: full train and dev sets.",
-        "The machine's 2 cores were shared with other jobs, so times are noisy.",
+        f"{report.get('workers', 1)} task(s) trained at a time, each in its own process, on the machine's "
+        f"{machine['cpu_count']} cores, so train times are comparable within a task, roughly across tasks.",
         "",
         "Chosen learning rates:",
         "",
@@ -218,6 +238,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="tasks trained at once, each in its own process (at most the CPU cores; "
+                             "with OMP_NUM_THREADS=1 each)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the finished tasks of OUT/glue.json (same budget, model, rank and seed)")
     return parser.parse_args(argv)
@@ -240,11 +263,14 @@ def previous_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the benchmark; returns the report written to ``glue.json``."""
     args = parse_args(argv)
+    if args.workers < 1:
+        raise SystemExit(f"glue_table: --workers must be at least 1, got {args.workers}")
     task_list = [get_task_spec(t).name for t in args.tasks]
     name = "tiny" if args.tiny else "default"
     report: dict[str, Any] = {
         "benchmark": "glue", "budget_name": name, "budget": asdict(BUDGETS[name]), "model": args.model,
         "rank": args.rank, "seed": args.seed, "task_list": task_list, "data_dir": str(args.data_dir),
+        "workers": args.workers,
         "machine": machine_info(), "tasks": {}, "complete": False, "total_seconds": 0.0,
     }
     try:
@@ -253,11 +279,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         raise SystemExit(f"glue_table: {err}") from None
     report["tasks"] = {t: r for t, r in previous.get("tasks", {}).items() if t in task_list}
     start = time.perf_counter() - previous.get("total_seconds", 0.0)
-    for task in task_list:
-        if task not in report["tasks"]:
-            report["tasks"][task] = run_task(task, BUDGETS[name], args)
-            report["total_seconds"] = time.perf_counter() - start
-            write_report(report, args.out)
+    todo = [t for t in task_list if t not in report["tasks"]]
+    for task, result in run_tasks(todo, BUDGETS[name], args):
+        report["tasks"][task] = result
+        report["tasks"] = {t: report["tasks"][t] for t in task_list if t in report["tasks"]}  # task order
+        report["total_seconds"] = time.perf_counter() - start
+        write_report(report, args.out)
     report["step_time"] = step_time_ab(BUDGETS[name], TIMING_STEPS[name], args)
     report["complete"] = True
     report["total_seconds"] = time.perf_counter() - start

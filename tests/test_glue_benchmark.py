@@ -6,23 +6,29 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["ROSA_NO_PROGRESS"] = "1"
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 pytest.importorskip("peft")
 
-from helpers import SHARED_DATA, load_benchmark  # noqa: E402
+from helpers import REPO, SHARED_DATA, load_benchmark  # noqa: E402
 
 GLUE_DIR = SHARED_DATA / "glue"
 
 
 @pytest.mark.real_model
 @pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").is_file(), reason=f"GLUE data not found under {GLUE_DIR}")
-def test_tiny_budget_writes_json_and_markdown(tmp_path):
+def test_tiny_budget_with_two_workers_writes_json_and_markdown(tmp_path):
+    """The script as users run it, two tasks in two worker processes."""
+    command = [sys.executable, str(REPO / "benchmarks" / "glue_table.py"), "--tiny", "--tasks", "rte", "sts-b",
+               "--workers", "2", "--data-dir", str(GLUE_DIR), "--out", str(tmp_path)]
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     bench = load_benchmark("glue_table")
-    report = bench.main(["--tiny", "--tasks", "sts-b", "--data-dir", str(GLUE_DIR), "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "glue.json").read_text())
-    assert saved["complete"] and saved["budget_name"] == "tiny" and list(saved["tasks"]) == ["STS-B"]
+    assert saved["complete"] and saved["budget_name"] == "tiny" and saved["workers"] == 2
+    assert list(saved["tasks"]) == ["RTE", "STS-B"]
     grid = bench.BUDGETS["tiny"].lr_grid
     for task in saved["tasks"].values():
         assert task["data"]["train_samples"] == 16 and task["data"]["subsampled"]
@@ -31,12 +37,13 @@ def test_tiny_budget_writes_json_and_markdown(tmp_path):
             best = max(runs.values(), key=lambda r: r["final_score"])
             assert task["chosen"][method]["lr"] == best["lr"]
     assert set(saved["targets"]) >= {"rosa_ge_lora_on_3_of_4_tasks", "rosa_within_1_point_of_full"}
-    assert saved["average"] == report["average"]
+    chosen = [t["chosen"]["rosa"]["final_score"] for t in saved["tasks"].values()]
+    assert saved["average"]["rosa"] == pytest.approx(sum(chosen) / 2)
     md = (tmp_path / "glue.md").read_text()
-    assert "| method | STS-B | average | trainable params |" in md
+    assert "| method | RTE | STS-B | average | trainable params |" in md
     assert "Status: **complete**." in md and "**Subsampled**" in md and "Chosen learning rates:" in md
     assert "| rosa |" in md and "| lora |" in md and "| full |" in md
-    assert "Step time, ROSA vs LoRA timed alternately" in md
+    assert "Step time, ROSA vs LoRA timed alternately" in md and "2 task(s) trained at a time" in md
     assert saved["step_time"]["rosa_seconds"] > 0 and saved["targets"]["rosa_over_lora_step_time"] > 0
 
 
@@ -54,3 +61,5 @@ def test_resume_keeps_finished_tasks_and_refuses_other_settings(tmp_path, monkey
     monkeypatch.setattr(bench, "markdown", lambda *a: "")
     resumed = bench.main(["--tiny", "--tasks", "sts-b", "--resume", "--out", str(tmp_path)])
     assert resumed["tasks"] == {"STS-B": finished} and resumed["total_seconds"] >= 5.0
+    with pytest.raises(SystemExit, match="--workers must be at least 1"):
+        bench.main(["--tiny", "--workers", "0", "--out", str(tmp_path)])
