@@ -23,7 +23,7 @@ GLUE_DIR = SHARED_DATA / "glue"
 def test_tiny_budget_with_two_workers_writes_json_and_markdown(tmp_path):
     """The script as users run it, two tasks in two worker processes."""
     command = [sys.executable, str(REPO / "benchmarks" / "glue_table.py"), "--tiny", "--tasks", "rte", "sts-b",
-               "--workers", "2", "--data-dir", str(GLUE_DIR), "--out", str(tmp_path)]
+               "--workers", "2", "--seeds", "2", "--data-dir", str(GLUE_DIR), "--out", str(tmp_path)]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     bench = load_benchmark("glue_table")
     saved = json.loads((tmp_path / "glue.json").read_text())
@@ -37,29 +37,38 @@ def test_tiny_budget_with_two_workers_writes_json_and_markdown(tmp_path):
             best = max(runs.values(), key=lambda r: r["final_score"])
             assert task["chosen"][method]["lr"] == best["lr"]
     assert set(saved["targets"]) >= {"rosa_ge_lora_on_3_of_4_tasks", "rosa_within_1_point_of_full"}
-    chosen = [t["chosen"]["rosa"]["final_score"] for t in saved["tasks"].values()]
-    assert saved["average"]["rosa"] == pytest.approx(sum(chosen) / 2)
+    for task in saved["tasks"].values():
+        for method, scores in task["seeds"].items():
+            assert len(scores) == 2 and scores[0] == task["chosen"][method]["final_score"]
+    means = [sum(t["seeds"]["rosa"]) / 2 for t in saved["tasks"].values()]
+    assert saved["average"]["rosa"] == pytest.approx(sum(means) / 2)
     md = (tmp_path / "glue.md").read_text()
     assert "| method | RTE | STS-B | average | trainable params |" in md
-    assert "Status: **complete**." in md and "**Subsampled**" in md and "Chosen learning rates:" in md
+    assert "Status: **complete**." in md and "**Subsampled**" in md and "Chosen learning rates, and the seed-0 scores" in md
     assert "| rosa |" in md and "| lora |" in md and "| full |" in md
     assert "Step time, ROSA vs LoRA timed alternately" in md and "2 task(s) trained at a time" in md
+    assert " ± " in md and "over 2 seed(s)" in md
     assert saved["step_time"]["rosa_seconds"] > 0 and saved["targets"]["rosa_over_lora_step_time"] > 0
 
 
 def test_resume_keeps_finished_tasks_and_refuses_other_settings(tmp_path, monkeypatch):
     bench = load_benchmark("glue_table")
-    finished = {"data": {"subsampled": True}, "runs": {}, "chosen": {}}
+    finished = {"data": {"subsampled": True}, "runs": {}, "chosen": {}, "seeds": {"rosa": [0.1, 0.2, 0.3]}}
     report = {"benchmark": "glue", "budget_name": "tiny", "budget": bench.asdict(bench.BUDGETS["tiny"]),
               "model": "minilm", "rank": 8, "seed": 0, "tasks": {"STS-B": finished}, "total_seconds": 5.0}
     (tmp_path / "glue.json").write_text(json.dumps(report))
     with pytest.raises(SystemExit, match="was run with"):
         bench.main(["--tiny", "--tasks", "sts-b", "--rank", "4", "--resume", "--out", str(tmp_path)])
-    monkeypatch.setattr(bench, "run_task", lambda *a: pytest.fail("a finished task was run again"))
+    monkeypatch.setattr(bench, "run_grid", lambda *a: pytest.fail("a finished grid was run again"))
+    monkeypatch.setattr(bench, "run_seeds", lambda *a: pytest.fail("finished seeds were run again"))
     monkeypatch.setattr(bench, "step_time_ab", lambda *a: {})
     monkeypatch.setattr(bench, "write_report", lambda *a: None)
     monkeypatch.setattr(bench, "markdown", lambda *a: "")
     resumed = bench.main(["--tiny", "--tasks", "sts-b", "--resume", "--out", str(tmp_path)])
     assert resumed["tasks"] == {"STS-B": finished} and resumed["total_seconds"] >= 5.0
+
+    monkeypatch.setattr(bench, "run_seeds", lambda task, chosen, *a: {"rosa": [0.5, 0.6]})
+    resumed = bench.main(["--tiny", "--tasks", "sts-b", "--resume", "--seeds", "2", "--out", str(tmp_path)])
+    assert resumed["tasks"]["STS-B"]["seeds"] == {"rosa": [0.5, 0.6]}  # only the seed repeats were rerun
     with pytest.raises(SystemExit, match="--workers must be at least 1"):
         bench.main(["--tiny", "--workers", "0", "--out", str(tmp_path)])
