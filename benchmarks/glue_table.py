@@ -13,10 +13,10 @@ LoRA on 640 STS-B examples x 3 epochs took ~55 s including dev evaluation, full 
 scaling by each task's tokens per example (CoLA 0.4x, MRPC 2x, RTE 2.5x of STS-B) and by 1280
 examples gives about 40 minutes for the grid, 4 tasks x (3 + 3 + 2) runs, and 30 more for two
 further seeds of the chosen runs. Pilots on 640 STS-B examples set the setup: an adapter-trained
-pooler (all-MiniLM-L6-v2's pooler never saw training for [CLS]; frozen, it held ROSA to 0.14
-Pearson and LoRA to 0.25), the shared adapter LR grid, and ROSA's re-warmup. With 2 threads per
-process on a busy machine steps were up to 7x slower (oversubscription): keep workers x
-``OMP_NUM_THREADS`` at most the core count.
+pooler (all-MiniLM-L6-v2 was fine-tuned through mean pooling, never through its pooler; frozen, the
+pooler held ROSA to 0.14 Pearson and LoRA to 0.25), the shared adapter LR grid, and ROSA's
+re-warmup. With 2 threads per process on a busy machine steps were up to 7x slower
+(oversubscription): keep workers x ``OMP_NUM_THREADS`` at most the core count.
 
     OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2   # default budget, ~70 min on 2 cores
     python benchmarks/glue_table.py --tiny --out /tmp/glue-smoke

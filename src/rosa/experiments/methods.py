@@ -33,7 +33,8 @@ def classifier_head(model: nn.Module) -> list[str]:
 
     The new head (``classifier`` or ``score``) and, in BERT-style classifiers, the pooler that feeds
     it ``[CLS]`` (e.g. ``bert.pooler``). Sentence-embedding checkpoints such as all-MiniLM-L6-v2 were
-    trained with mean pooling, so a frozen pooler hands the head an untrained feature.
+    fine-tuned through mean pooling, which never reaches the pooler, so frozen it hands the head a
+    feature that fine-tuning never shaped.
     """
     children = dict(model.named_children())
     head = [name for name in CLASSIFIER_HEADS if name in children][:1]
