@@ -9,7 +9,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..model import parameter_report, resample, rosa_layers
-from ..schedule import ResampleSchedule, base_optimizer
+from ..schedule import ResampleSchedule, base_optimizer, rewarmup_factor
 
 logger = logging.getLogger("rosa")
 
@@ -24,7 +24,7 @@ class RosaCallback(TrainerCallback):
 
     ``rewarmup_steps = n > 0`` ramps the learning rate back up after each resample: the j-th
     optimizer step after it (j = 1..n) runs at ``j / (n + 1)`` times the scheduled LR of every
-    param group. The callback scales ``param_group["lr"]`` after the Trainer's scheduler step and
+    param group (:func:`rosa.rewarmup_factor`). The callback scales ``param_group["lr"]`` after the Trainer's scheduler step and
     restores the scheduled value right after the optimizer step, before the scheduler steps again,
     so any LR scheduler keeps seeing (and computing from) its own values. The ``learning_rate``
     the Trainer logs is therefore the scheduled one, without the re-warmup factor.
@@ -47,7 +47,6 @@ class RosaCallback(TrainerCallback):
             raise ValueError(f"RosaCallback.rewarmup_steps={rewarmup_steps!r} is invalid: use an int >= 0")
         self.rewarmup_steps = rewarmup_steps
         self.resample_steps: list[int] = []
-        self._ramp = 0  # j of the next optimizer step's factor j / (n + 1); 0 = no re-warmup running
         self._scheduled_lrs: Optional[list[float]] = None  # group LRs before scaling, while scaled
 
     # -- Trainer events --------------------------------------------------------------------------
@@ -69,20 +68,18 @@ class RosaCallback(TrainerCallback):
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           optimizer: Any = None, **kwargs: Any) -> None:
         self._restore_lrs(optimizer)
-        if self._ramp:
-            self._ramp = self._ramp + 1 if self._ramp < self.rewarmup_steps else 0
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: nn.Module = None, optimizer: Any = None, **kwargs: Any) -> None:
         if self.schedule.unit == "step" and self.schedule.due(state.global_step):
             self._resample(state, model, optimizer)
-        self._scale_lrs(optimizer)
+        self._scale_lrs(state, optimizer)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: nn.Module = None, optimizer: Any = None, **kwargs: Any) -> None:
         if self.schedule.unit == "epoch" and self.schedule.due(round(state.epoch or 0)):
             self._resample(state, model, optimizer)
-            self._scale_lrs(optimizer)
+            self._scale_lrs(state, optimizer)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      optimizer: Any = None, **kwargs: Any) -> None:
@@ -90,7 +87,7 @@ class RosaCallback(TrainerCallback):
 
     # -- helpers ---------------------------------------------------------------------------------
     def _restore_progress(self, state: TrainerState, layers: Any) -> None:
-        """On ``resume_from_checkpoint``, recover resamples (and a running re-warmup) from the log history.
+        """On ``resume_from_checkpoint``, recover resamples (and so a running re-warmup) from the log history.
 
         The Trainer restores weights, optimizer and scheduler, but each layer's resample count,
         which fixes its next subspace, lives only in the resample events of ``trainer_state.json``.
@@ -101,25 +98,22 @@ class RosaCallback(TrainerCallback):
         self.resample_steps = [e["step"] for e in events]
         for layer in layers:
             layer.resample_count = len(events)
-        j = state.global_step - self.resample_steps[-1] + 1
-        self._ramp = j if self.rewarmup_steps and j <= self.rewarmup_steps else 0
 
     def _resample(self, state: TrainerState, model: nn.Module, optimizer: Any) -> None:
         layers = resample(model, optimizer)
         self.resample_steps.append(state.global_step)
-        self._ramp = 1 if self.rewarmup_steps else 0
         state.log_history.append(
             {"rosa/resamples": len(self.resample_steps), "rosa/trainable_params": parameter_report(model)["trainable"],
              "step": state.global_step, "epoch": state.epoch}
         )
         logger.info("rosa: resampled %d layers at step %d", layers, state.global_step)
 
-    def _scale_lrs(self, optimizer: Any) -> None:
+    def _scale_lrs(self, state: TrainerState, optimizer: Any) -> None:
         """Scale every group's LR for the next optimizer step while a re-warmup runs."""
         self._restore_lrs(optimizer)
-        if not self._ramp:
+        factor = rewarmup_factor(state.global_step, self.resample_steps, self.rewarmup_steps)
+        if factor == 1.0:
             return
-        factor = self._ramp / (self.rewarmup_steps + 1)
         groups = base_optimizer(optimizer).param_groups
         self._scheduled_lrs = [group["lr"] for group in groups]
         for group in groups:
