@@ -91,7 +91,6 @@ class TrainState:
 
     epochs: list[dict[str, Any]] = field(default_factory=list)  # per-epoch train loss and dev metrics
     losses: list[float] = field(default_factory=list)  # per optimizer step
-    resample_steps: list[int] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     resample_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -297,8 +296,7 @@ def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokeni
             epoch_losses.append(loss.item())
             if schedule is not None and len(state.step_times) < total_steps:  # a resample after the last step is moot
                 tick = time.perf_counter()
-                if schedule.step(model, optimizer):
-                    state.resample_steps.append(len(state.step_times))
+                schedule.step(model, optimizer)
                 state.resample_seconds += time.perf_counter() - tick
             scheduler.step()  # after the resample, so that the next step's LR sees it
         state.losses += epoch_losses
@@ -319,7 +317,7 @@ def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokeni
         "final_dev": state.epochs[-1]["dev"],
         "final_score": state.epochs[-1]["dev"]["score"],
         "train_loss_curve": state.losses,
-        "resample_steps": state.resample_steps,
+        "resample_steps": [] if schedule is None else list(schedule.resample_points),
         "steps": total_steps,
         "wall_seconds": state.wall_seconds,
         "step_seconds_median": sorted(state.step_times)[len(state.step_times) // 2],
