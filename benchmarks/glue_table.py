@@ -177,17 +177,21 @@ def seed_scores(result: dict[str, Any], method: str) -> list[float]:
     return result.get("seeds", {}).get(method) or [result["chosen"][method]["final_score"]]
 
 
+def seed_mean(result: dict[str, Any], method: str) -> float:
+    """A task's mean final dev score of ``method`` over its seeds."""
+    return statistics.fmean(seed_scores(result, method))
+
+
 def averages(tasks: dict[str, Any]) -> dict[str, float]:
     """Per method, the mean over tasks of its seed-mean dev score."""
-    return {m: statistics.fmean(statistics.fmean(seed_scores(r, m)) for r in tasks.values()) for m in METHODS}
+    return {m: statistics.fmean(seed_mean(r, m) for r in tasks.values()) for m in METHODS}
 
 
 def target_checks(tasks: dict[str, Any], step_time: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets, on seed means: ROSA >= LoRA on 3 of 4 tasks (3/4 of those run) and on average;
     ROSA within 1 point of full fine-tuning on average; ROSA's median step time within 10% of LoRA's."""
     avg = averages(tasks)
-    wins = [t for t, r in tasks.items()
-            if statistics.fmean(seed_scores(r, "rosa")) >= statistics.fmean(seed_scores(r, "lora"))]
+    wins = [t for t, r in tasks.items() if seed_mean(r, "rosa") >= seed_mean(r, "lora")]
     return {
         "rosa_ge_lora_tasks": wins,
         "rosa_ge_lora_on_3_of_4_tasks": len(wins) >= 0.75 * len(tasks),

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import rosa
 import rosa.checkpoint
 
 pytest.importorskip("peft")
