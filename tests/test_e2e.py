@@ -179,9 +179,10 @@ def llama_dir(tmp_path_factory) -> Path:
 
 
 def resumable_cli(model_dir: Path, data_csv: Path, out: Path, *extra: str) -> dict:
-    """6 steps of 3 batches per epoch: checkpoints at 2, 4 and 6, a resample at 3, epochs begin at 1, 4."""
+    """6 steps of 3 batches per epoch: checkpoints at 2, 4 and 6, a resample at 3 and an LR re-warmup
+    over steps 4 and 5, epochs begin at 1, 4."""
     return run_cli(model_dir, data_csv, out, "--methods", "rosa", "--epochs", "2", "--max-steps", "6", "--resample-every", "3",
-                   "--max-train-examples", "12", "--checkpoint-every", "2", *extra)
+                   "--rewarmup-steps", "2", "--max-train-examples", "12", "--checkpoint-every", "2", *extra)
 
 
 def crash_at_step(monkeypatch, step: int) -> None:
@@ -203,7 +204,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(llama_dir, data_c
 
     out = tmp_path / "crashed"
     with monkeypatch.context() as patch:
-        crash_at_step(patch, 5)  # after the checkpoint of step 4: 2nd epoch, 1 batch in, after a resample
+        crash_at_step(patch, 5)  # after the checkpoint of step 4: 2nd epoch, 1 batch in, mid re-warmup
         with pytest.raises(KeyboardInterrupt):
             resumable_cli(llama_dir, data_csv, out)
     assert rosa.checkpoint.is_checkpoint(out / "checkpoints" / "rosa")
@@ -233,3 +234,5 @@ def test_resume_with_other_settings_is_refused_naming_them(llama_dir, data_csv, 
         resumable_cli(llama_dir, data_csv, tmp_path, "--resume", "--lr", "0.01", "--rank", "4")
     with pytest.raises(SystemExit, match="train_data_sha256"):
         resumable_cli(llama_dir, data_csv, tmp_path, "--resume", "--max-train-examples", "11")
+    with pytest.raises(SystemExit, match="rewarmup_steps: 2 in the checkpoint, 1 now"):
+        resumable_cli(llama_dir, data_csv, tmp_path, "--resume", "--rewarmup-steps", "1")

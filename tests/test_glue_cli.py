@@ -148,24 +148,6 @@ RESUMABLE = ["--task", "RTE", "--data-dir", str(GLUE_DIR), "--max-train-samples"
              "--max-length", "32", "--epochs", "2", "--batch-size", "4", "--methods", "rosa", "--rewarmup-steps", "2"]
 
 
-def test_lr_ramps_back_up_after_each_resample():
-    model = rosa.wrap(torch.nn.Sequential(torch.nn.Linear(8, 8)), rosa.RosaConfig(rank=2))
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    schedule = rosa.ResampleSchedule(every_steps=5)
-    scheduler = glue.warmup_then_decay(optimizer, 20, schedule, rewarmup_steps=2)
-    plain = glue.warmup_then_decay(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 20)
-    ratios = []
-    for _ in range(20):  # the loop order of glue.train_method
-        ratios.append(optimizer.param_groups[0]["lr"] / plain.optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step(model, optimizer)
-        scheduler.step()
-        plain.optimizer.step()
-        plain.step()
-    ramp = [1 / 3, 2 / 3, 1.0, 1.0, 1.0]
-    assert ratios == pytest.approx([1.0] * 5 + ramp * 3)
-
-
 def interrupt_at_second_evaluation(monkeypatch) -> None:
     """Make ``rosa glue`` crash while evaluating epoch 2, after epoch 1's checkpoint was written."""
     evaluate, calls = glue.evaluate, []

@@ -48,10 +48,9 @@ from .reporting import (
     write_json,
     write_markdown,
 )
+from .training import add_rewarmup_option, adamw, optimizer_step, warmup_then_decay
 
 DEFAULT_LR = {"rosa": 1e-3, "lora": 1e-3, "full": 1e-4}
-WARMUP_FRACTION = 0.06  # of all optimizer steps: linear warmup from 0, then linear decay to 0
-MAX_GRAD_NORM = 1.0
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt and padding)
 HUB_DATASET = "tuetschek/e2e_nlg"
 SAMPLE_MRS = 10  # held-out MRs shown in samples.md
@@ -82,6 +81,7 @@ class E2ESettings:
     batch_size: int = 8
     max_length: int = 128
     resample_every: Optional[int] = None  # optimizer steps; None = once per epoch
+    rewarmup_steps: int = 0  # after each ROSA resample, the LR ramps back up over this many steps
     seed: int = 0
     selection: str = "random"
     max_train_examples: Optional[int] = None
@@ -314,18 +314,16 @@ def total_steps(s: E2ESettings, steps_per_epoch: int) -> int:
 
 def train(model: nn.Module, method: str, lr: float, loader: torch.utils.data.DataLoader, s: E2ESettings,
           checkpoint_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """Train ``model`` in place (AdamW, warmup then linear decay, clipping); ROSA resamples on schedule.
+    """Train ``model`` in place (:mod:`.training`'s recipe); ROSA resamples on schedule, then re-warms up the LR.
 
     Continues from the checkpoint in ``checkpoint_dir`` if there is one (``settings`` must match
     :func:`check_resumable`), and saves one there every ``s.checkpoint_every`` steps and at the end.
     Returns the per-step loss curve, resample steps, tokens and timing.
     """
-    from transformers import get_linear_schedule_with_warmup
-
     steps = total_steps(s, len(loader))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    scheduler = get_linear_schedule_with_warmup(optimizer, max(1, round(WARMUP_FRACTION * steps)), steps)
+    optimizer = adamw(model, lr)
     schedule = rosa.ResampleSchedule(every_steps=s.resample_every or len(loader)) if method == "rosa" else None
+    scheduler = warmup_then_decay(optimizer, steps, schedule, s.rewarmup_steps)
     state = (TrainProgress(**rosa.load_checkpoint(checkpoint_dir, model, optimizer, scheduler, schedule))
              if rosa.checkpoint.is_checkpoint(checkpoint_dir) else TrainProgress(settings))
     start = time.perf_counter() - state.seconds
@@ -333,19 +331,11 @@ def train(model: nn.Module, method: str, lr: float, loader: torch.utils.data.Dat
     batches = itertools.islice(endless(loader, state.data_position), steps - state.step)
     for step, (batch, position) in enumerate(progress(batches, f"e2e {method} train", steps - state.step),
                                              state.step + 1):
-        batch = {k: v.to(default_device()) for k, v in batch.items()}
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.losses.append(loss.item())
+        # a resample after the last step would be wasted
+        report = optimizer_step(model, batch, optimizer, scheduler, schedule, resample=step < steps)
+        state.losses.append(report.loss)
         state.tokens += int(batch["attention_mask"].sum())
-        if schedule is not None and step < steps:  # a resample after the last step would be wasted
-            tick = time.perf_counter()
-            schedule.step(model, optimizer)
-            state.resample_seconds += time.perf_counter() - tick
+        state.resample_seconds += report.resample_seconds
         if step % s.checkpoint_every == 0 or step == steps:
             state.step, state.data_position, state.seconds = step, position, time.perf_counter() - start
             rosa.save_checkpoint(checkpoint_dir, model, optimizer, scheduler, schedule, extra=asdict(state))
@@ -590,6 +580,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per training example, prompt + target (default: %(default)s)")
     parser.add_argument("--resample-every", type=int,
                         help="optimizer steps between ROSA resamples (default: once per epoch)")
+    add_rewarmup_option(parser)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--selection", choices=("random", "top", "bottom"), default=d.selection,
                         help="which singular vectors ROSA trains (default: %(default)s)")
@@ -632,7 +623,7 @@ def settings_from_args(args: argparse.Namespace) -> E2ESettings:
         eval_fraction=args.eval_fraction, methods=list(dict.fromkeys(args.methods)), rank=args.rank,
         lr={m: args.lr if args.lr is not None else DEFAULT_LR[m] for m in METHODS}, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
-        resample_every=args.resample_every, seed=args.seed, selection=args.selection,
+        resample_every=args.resample_every, rewarmup_steps=args.rewarmup_steps, seed=args.seed, selection=args.selection,
         max_train_examples=args.max_train_examples, max_eval_mrs=args.max_eval_mrs, num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size, checkpoint_every=args.checkpoint_every,
     )

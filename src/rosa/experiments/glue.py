@@ -41,10 +41,9 @@ from .reporting import (
     save_figure,
     write_json,
 )
+from .training import add_rewarmup_option, adamw, optimizer_step, warmup_then_decay
 
 DEFAULT_LR = {"rosa": 1e-3, "lora": 1e-3, "full": 5e-5}
-WARMUP_FRACTION = 0.06  # of all optimizer steps, linear warmup from 0 then linear decay to 0
-MAX_GRAD_NORM = 1.0
 CHECKPOINTS = "checkpoints"  # OUT/checkpoints/METHOD
 # GlueSettings fields a checkpoint must share with the run resuming it (the method's lr is added).
 RESUME_SETTINGS = ("task", "model", "rank", "seed", "epochs", "batch_size", "max_length", "resample_every",
@@ -224,22 +223,6 @@ def load_training(directory: Path, settings: dict[str, Any], generator: torch.Ge
 
 
 # -- training -----------------------------------------------------------------------------------
-def warmup_then_decay(optimizer: torch.optim.Optimizer, total_steps: int,
-                      schedule: Optional[rosa.ResampleSchedule] = None,
-                      rewarmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over ``WARMUP_FRACTION`` of the steps, then linear decay to 0; with a step
-    ``schedule``, also a linear re-warmup over ``rewarmup_steps`` after each of its resamples."""
-    warmup = max(1, round(WARMUP_FRACTION * total_steps))
-
-    def factor(step: int) -> float:
-        restart = rosa.rewarmup_factor(step, schedule.resample_points, rewarmup_steps) if schedule else 1.0
-        if step < warmup:
-            return restart * (step + 1) / warmup
-        return restart * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, spec: TaskSpec) -> dict[str, float]:
     """The task's GLUE metrics on ``loader``, plus ``score`` (the task's main score)."""
@@ -273,7 +256,7 @@ def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokeni
     train_loader = batches(data.train, tokenizer, s.batch_size, spec.is_regression, generator)
     dev_loader = batches(data.dev, tokenizer, 2 * s.batch_size, spec.is_regression)
     total_steps = s.epochs * len(train_loader)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    optimizer = adamw(model, lr)
     schedule = rosa.ResampleSchedule(every_steps=s.resample_every or len(train_loader)) if method == "rosa" else None
     scheduler = warmup_then_decay(optimizer, total_steps, schedule, s.rewarmup_steps)
 
@@ -286,19 +269,11 @@ def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokeni
         model.train()
         epoch_losses = []
         for batch in progress(train_loader, desc=f"{spec.name} {method} epoch {epoch}/{s.epochs}"):
-            tick = time.perf_counter()
-            loss = model(**{k: v.to(default_device()) for k, v in batch.items()}).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step_times.append(time.perf_counter() - tick)
-            epoch_losses.append(loss.item())
-            if schedule is not None and len(state.step_times) < total_steps:  # a resample after the last step is moot
-                tick = time.perf_counter()
-                schedule.step(model, optimizer)
-                state.resample_seconds += time.perf_counter() - tick
-            scheduler.step()  # after the resample, so that the next step's LR sees it
+            step = optimizer_step(model, batch, optimizer, scheduler, schedule,
+                                  resample=len(state.step_times) + 1 < total_steps)
+            state.step_times.append(step.seconds)
+            state.resample_seconds += step.resample_seconds
+            epoch_losses.append(step.loss)
         state.losses += epoch_losses
         state.epochs.append({"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses),
                              "dev": evaluate(model, dev_loader, spec)})
@@ -417,9 +392,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example after truncation")
     parser.add_argument("--resample-every", type=int, help="optimizer steps between ROSA resamples (default: once per epoch)")
-    parser.add_argument("--rewarmup-steps", type=int, default=d.rewarmup_steps,
-                        help="after each ROSA resample, ramp the LR back up linearly over this many steps "
-                             "(the factors' optimizer state was cleared; default: %(default)s)")
+    add_rewarmup_option(parser)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--selection", choices=("random", "top", "bottom"), default=d.selection,
                         help="which singular vectors ROSA trains (default: %(default)s)")
@@ -442,8 +415,6 @@ def settings_from_args(args: argparse.Namespace) -> GlueSettings:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.rewarmup_steps < 0:
-        raise ValueError(f"--rewarmup-steps must be >= 0, got {args.rewarmup_steps}")
     if args.data_dir is None and not args.hub:
         raise ValueError(NO_DATA)
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
