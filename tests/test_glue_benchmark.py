@@ -72,3 +72,15 @@ def test_resume_keeps_finished_tasks_and_refuses_other_settings(tmp_path, monkey
     assert resumed["tasks"]["STS-B"]["seeds"] == {"rosa": [0.5, 0.6]}  # only the seed repeats were rerun
     with pytest.raises(SystemExit, match="--workers must be at least 1"):
         bench.main(["--tiny", "--workers", "0", "--out", str(tmp_path)])
+
+
+def test_budget_option_names_a_budget_and_resume_refuses_another_one(tmp_path):
+    bench = load_benchmark("glue_table")
+    assert bench.parse_args(["--budget", "long"]).budget == "long"
+    assert bench.parse_args(["--tiny"]).budget == "tiny" and bench.parse_args([]).budget == "default"
+    long, default = bench.BUDGETS["long"], bench.BUDGETS["default"]
+    assert long.epochs > default.epochs and long.train_samples == default.train_samples  # same subsets, longer
+    (tmp_path / "glue.json").write_text(json.dumps({"budget_name": "default", "budget": bench.asdict(default),
+                                                    "model": "minilm", "rank": 8, "seed": 0}))
+    with pytest.raises(SystemExit, match="'budget_name': 'default'"):
+        bench.main(["--budget", "long", "--resume", "--out", str(tmp_path)])
