@@ -109,23 +109,26 @@ def run_grid(task: str, budget: Budget, args: argparse.Namespace) -> dict[str, A
     return {"data": data.sizes, "chosen": chosen, "runs": runs}
 
 
-def run_seeds(task: str, chosen: dict[str, Any], budget: Budget, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Final dev score per method at its chosen LR for seeds ``args.seed`` .. ``args.seed + args.seeds - 1``
-    (the first is the grid's run; each further seed also draws new train and dev subsets)."""
-    scores = {m: [chosen[m]["final_score"]] for m in METHODS}
-    for seed in range(args.seed + 1, args.seed + args.seeds):
+def run_seeds(task: str, result: dict[str, Any], budget: Budget, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Final dev score per method at its chosen LR for seeds ``args.seed`` .. ``args.seed + args.seeds - 1``.
+
+    The first is the grid's run; the repeats ``result`` already has are kept, and only the missing
+    ones run (each further seed also draws new train and dev subsets).
+    """
+    scores = {m: seed_scores(result, m)[:args.seeds] for m in METHODS}
+    for seed in range(args.seed + len(scores["rosa"]), args.seed + args.seeds):
         settings = task_settings(task, budget, args, seed)
         tokenizer = glue.load_tokenizer(settings.model)
         data = glue.load_data(settings, tokenizer)
         for m in METHODS:
-            scores[m].append(train(m, chosen[m]["lr"], settings, data, tokenizer)["final_score"])
+            scores[m].append(train(m, result["chosen"][m]["lr"], settings, data, tokenizer)["final_score"])
     return scores
 
 
 def run_task(task: str, done: Optional[dict[str, Any]], budget: Budget, args: argparse.Namespace) -> dict[str, Any]:
-    """The grid (unless ``done`` has it) and the seed repeats of one task."""
+    """The grid (unless ``done`` has it) and the seed repeats of one task that it lacks."""
     result = done or run_grid(task, budget, args)
-    return {**result, "seeds": run_seeds(task, result["chosen"], budget, args)}
+    return {**result, "seeds": run_seeds(task, result, budget, args)}
 
 
 def finished(result: dict[str, Any], seeds: int) -> bool:

@@ -67,7 +67,7 @@ def test_resume_keeps_finished_tasks_and_refuses_other_settings(tmp_path, monkey
     resumed = bench.main(["--tiny", "--tasks", "sts-b", "--resume", "--out", str(tmp_path)])
     assert resumed["tasks"] == {"STS-B": finished} and resumed["total_seconds"] >= 5.0
 
-    monkeypatch.setattr(bench, "run_seeds", lambda task, chosen, *a: {"rosa": [0.5, 0.6]})
+    monkeypatch.setattr(bench, "run_seeds", lambda task, result, *a: {"rosa": [0.5, 0.6]})
     resumed = bench.main(["--tiny", "--tasks", "sts-b", "--resume", "--seeds", "2", "--out", str(tmp_path)])
     assert resumed["tasks"]["STS-B"]["seeds"] == {"rosa": [0.5, 0.6]}  # only the seed repeats were rerun
     with pytest.raises(SystemExit, match="--workers must be at least 1"):
@@ -84,3 +84,22 @@ def test_budget_option_names_a_budget_and_resume_refuses_another_one(tmp_path):
                                                     "model": "minilm", "rank": 8, "seed": 0}))
     with pytest.raises(SystemExit, match="'budget_name': 'default'"):
         bench.main(["--budget", "long", "--resume", "--out", str(tmp_path)])
+
+
+def test_seed_repeats_run_only_the_seeds_a_task_lacks(monkeypatch):
+    bench = load_benchmark("glue_table")
+    calls = []
+    monkeypatch.setattr(bench.glue, "load_tokenizer", lambda model: None)
+    monkeypatch.setattr(bench.glue, "load_data", lambda settings, tokenizer: None)
+    monkeypatch.setattr(bench, "train", lambda m, lr, settings, *a: calls.append((m, lr, settings.seed)) or
+                        {"final_score": settings.seed / 10})
+    chosen = {m: {"lr": 1e-3, "final_score": 0.0} for m in bench.METHODS}
+    result = {"chosen": chosen, "seeds": {m: [0.0, 0.1] for m in bench.METHODS}}
+    args = bench.parse_args(["--tiny", "--seeds", "3"])
+    scores = bench.run_seeds("RTE", result, bench.BUDGETS["tiny"], args)
+    assert calls == [(m, 1e-3, 2) for m in bench.METHODS]  # seeds 0 and 1 are kept, only seed 2 runs
+    assert scores == {m: [0.0, 0.1, 0.2] for m in bench.METHODS}
+    calls.clear()
+    args = bench.parse_args(["--tiny", "--seeds", "1"])
+    assert bench.run_seeds("RTE", result, bench.BUDGETS["tiny"], args) == {m: [0.0] for m in bench.METHODS}
+    assert calls == []
