@@ -13,7 +13,8 @@ with three other jobs, one torch thread: ~11-14 s per optimizer step of batch 8 
 (ROSA or LoRA; full fine-tuning somewhat more), ~10 s to load and factorize the model, ~1.7 s per
 held-out MR for greedy generation of up to 48 tokens (ROSA generates twice: unmerged and merged).
 60 steps x 3 methods + 60 MRs x 4 generations comes to about 45 minutes at that load; the run in
-``benchmarks/results/e2e.md`` took 33 minutes next to a two-worker GLUE run (~9-13 s per step, ~9-13 min per method).
+``benchmarks/results/e2e.md`` took 33 minutes next to a two-worker GLUE run (~9-13 s per step,
+~9-13 min per method).
 With 2 threads on the busy machine steps were 2-10x slower (thread oversubscription): use
 ``OMP_NUM_THREADS=1`` on a shared machine, the default threads on an idle one.
 

@@ -24,10 +24,10 @@ class RosaCallback(TrainerCallback):
 
     ``rewarmup_steps = n > 0`` ramps the learning rate back up after each resample: the j-th
     optimizer step after it (j = 1..n) runs at ``j / (n + 1)`` times the scheduled LR of every
-    param group (:func:`rosa.rewarmup_factor`). The callback scales ``param_group["lr"]`` after the Trainer's scheduler step and
-    restores the scheduled value right after the optimizer step, before the scheduler steps again,
-    so any LR scheduler keeps seeing (and computing from) its own values. The ``learning_rate``
-    the Trainer logs is therefore the scheduled one, without the re-warmup factor.
+    param group (:func:`rosa.rewarmup_factor`). The callback scales ``param_group["lr"]`` after the
+    Trainer's scheduler step and restores the scheduled value right after the optimizer step, before
+    the scheduler steps again, so any LR scheduler keeps seeing (and computing from) its own values.
+    The ``learning_rate`` the Trainer logs is therefore the scheduled one, without the re-warmup factor.
 
     Log entries appended to ``state.log_history`` (kept in ``trainer_state.json``):
     ``{"rosa/trainable_params", "rosa/layers", "step"}`` at the start of training and
