@@ -255,7 +255,7 @@ def markdown(report: dict[str, Any]) -> str:
         "included); ms/step: median optimizer step of each chosen run, averaged over tasks; runs happen "
         "at different times, so the alternating step-time comparison below is the fair one.",
         "",
-        f"Same for every method: seeds {report['seed']} to {report['seed'] + report.get('seeds', 1) - 1}, "
+        f"Same for every method: {seed_range(report['seed'], report.get('seeds', 1))}, "
         f"{budget['epochs']} epochs, batch size "
         f"{budget['batch_size']}, max length {budget['max_length']}, AdamW with linear warmup/decay, "
         f"ROSA resampling once per epoch with a {budget['rewarmup_steps']}-step LR re-warmup after each resample, "
@@ -283,6 +283,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Targets: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
                                               for k, v in report["targets"].items())]
     return "\n".join(lines) + "\n"
+
+
+def seed_range(first: int, count: int) -> str:
+    """``"seed 0"`` or ``"seeds 0 to 2"``."""
+    return f"seed {first}" if count == 1 else f"seeds {first} to {first + count - 1}"
 
 
 def mean_and_spread(scores: list[float]) -> str:

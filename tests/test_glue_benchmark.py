@@ -47,7 +47,7 @@ def test_tiny_budget_with_two_workers_writes_json_and_markdown(tmp_path):
     assert "Status: **complete**." in md and "**Subsampled**" in md and "Chosen learning rates, and the seed-0 scores" in md
     assert "| rosa |" in md and "| lora |" in md and "| full |" in md
     assert "Step time, ROSA vs LoRA timed alternately" in md and "2 task(s) trained at a time" in md
-    assert " ± " in md and "over 2 seed(s)" in md
+    assert " ± " in md and "over 2 seed(s)" in md and "Same for every method: seeds 0 to 1," in md
     assert saved["step_time"]["rosa_seconds"] > 0 and saved["targets"]["rosa_over_lora_step_time"] > 0
 
 
@@ -103,3 +103,9 @@ def test_seed_repeats_run_only_the_seeds_a_task_lacks(monkeypatch):
     args = bench.parse_args(["--tiny", "--seeds", "1"])
     assert bench.run_seeds("RTE", result, bench.BUDGETS["tiny"], args) == {m: [0.0] for m in bench.METHODS}
     assert calls == []
+
+
+def test_seed_range_names_one_seed_or_a_span():
+    bench = load_benchmark("glue_table")
+    assert bench.seed_range(0, 1) == "seed 0"
+    assert bench.seed_range(3, 2) == "seeds 3 to 4"
