@@ -20,13 +20,13 @@ re-warmup. With 2 threads per process on a busy machine steps were up to 7x slow
 
 ``--budget long`` trains the same subsets for the paper's 10 epochs (10 ROSA subspaces per layer,
 against the default's 3) on a 2-point grid per method. Pilots on 1280 STS-B and CoLA examples at 10
-epochs had ROSA level with or ahead of LoRA where at 3 epochs it trailed. One seed took 127
-minutes with two workers (the first half hour next to an E2E run); ``--resume --seeds 3`` adds
-seeds later.
+epochs had ROSA level with or ahead of LoRA where at 3 epochs it trailed. Seed 0 with its grid
+took 127 minutes with two workers (the first half hour next to an E2E run), each further seed
+about 55; ``--resume --seeds K`` adds seeds to a finished run.
 
     OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2   # default budget, ~70 min on 2 cores
-    OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --budget long --seeds 1 \
-        --out benchmarks/results/glue-long                          # ~2 h on 2 cores
+    OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --budget long \
+        --out benchmarks/results/glue-long                          # 3 seeds, ~4 h on 2 cores
     python benchmarks/glue_table.py --tiny --out /tmp/glue-smoke
 """
 
