@@ -51,6 +51,11 @@ RANDOM_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "tiny-llama": ("lm", "LlamaConfig", dict(
         vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=64, max_position_embeddings=64)),
+    "roberta-125m": ("cls", "RobertaConfig", dict(  # the shape of roberta-base (the paper's GLUE model)
+        vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)),
+    "gpt2-124m": ("lm", "GPT2Config", dict(  # the shape of gpt2 (the paper's E2E model; Conv1D layers)
+        vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)),
     "llama-1b": ("lm", "LlamaConfig", dict(  # the shape of Llama-3.2-1B
         vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=8192, max_position_embeddings=2048, tie_word_embeddings=True)),
@@ -150,7 +155,8 @@ def load_model(name: str, kind: str, dtype: torch.dtype, device: torch.device) -
         torch.manual_seed(0)
         with device:
             model = auto.from_config(config, dtype=dtype)
-        model.config.pad_token_id = 0
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = 0
         return model
     model = load_causal_lm(name, dtype) if kind == "lm" else load_sequence_classifier(name, 2, dtype=dtype)
     return model.to(device)
