@@ -92,3 +92,51 @@ def test_factorize_of_half_precision_weight_runs_in_float32():
     w = torch.randn(16, 8).to(torch.bfloat16)
     up, down, residual = subspace.factorize(w, 4, "random", subspace.layer_generator(0, "x", 0))
     assert up.dtype == down.dtype == residual.dtype == torch.float32
+
+
+@given(out=st.integers(1, 24), inp=st.integers(1, 24), batch=st.integers(1, 3))
+def test_svd_error_is_small_for_a_correct_svd_and_flags_a_broken_one(out, inp, batch):
+    w = torch.randn(batch, out, inp)
+    u, s, vh = subspace.thin_svd(w)  # on the CPU: torch.linalg.svd itself
+    expected = torch.linalg.svd(w, full_matrices=False)
+    assert torch.equal(u, expected.U) and torch.equal(s, expected.S) and torch.equal(vh, expected.Vh)
+    assert (subspace.svd_error(w, u, s, vh) <= 1e-5).all()
+    broken_u = u.clone()
+    broken_u[0, :, 0] *= 1.01  # no longer unit length, and U diag(s) Vh no longer W
+    errors = subspace.svd_error(w, broken_u, s, vh)
+    assert errors[0] >= 0.02  # |u0|^2 - 1 = 1.01^2 - 1
+    assert (errors[1:] <= 1e-5).all()
+    broken_u[0, 0, 0] = float("nan")
+    assert not subspace.svd_error(w, broken_u, s, vh)[0] <= subspace.SVD_TOLERANCE  # NaN fails the check
+
+
+def test_checked_svd_redoes_exactly_the_matrices_the_fast_method_fails_on():
+    """The CUDA path's logic, on the CPU: a fast SVD that raises on zero matrices and breaks matrix 2."""
+    w = torch.randn(2, 3, 6, 4)
+    w[0, 1] = 0  # the fast method raises on a batch holding this one
+    exact_calls = []
+
+    def fast(batch):
+        if (torch.linalg.matrix_norm(batch) == 0).any():
+            raise torch.linalg.LinAlgError("failed to converge")
+        u, s, vh = torch.linalg.svd(batch, full_matrices=False)
+        if batch.shape[0] > 1:
+            u[2] *= 1.5  # a silent failure on matrix 2
+        return u, s, vh
+
+    def exact(batch):
+        exact_calls.append(batch.shape[0])
+        return torch.linalg.svd(batch, full_matrices=False)
+
+    u, s, vh = subspace.checked_svd(w, fast, exact)
+    assert u.shape == (2, 3, 6, 4) and s.shape == (2, 3, 4) and vh.shape == (2, 3, 4, 4)
+    assert exact_calls == [1]  # only the zero matrix: one by one, matrix 2 is not broken
+    assert (subspace.svd_error(w.reshape(-1, 6, 4), u.reshape(-1, 6, 4), s.reshape(-1, 4), vh.reshape(-1, 4, 4))
+            <= 1e-5).all()
+
+    exact_calls.clear()
+    w[0, 1] = torch.randn(6, 4)
+    u, s, vh = subspace.checked_svd(w, fast, exact)
+    assert exact_calls == [1]  # matrix 2, caught by the accuracy check
+    expected = torch.linalg.svd(w, full_matrices=False)
+    assert torch.allclose(u, expected.U) and torch.allclose(s, expected.S) and torch.allclose(vh, expected.Vh)
