@@ -1,6 +1,9 @@
 """``rosa bench`` on tiny random models: every code path runs in CI, and its bookkeeping is right."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +92,22 @@ def test_model_specs_and_settings_are_validated():
         main(["bench", "--svd", "approximate"])
     with pytest.raises(ValueError, match="--warmup"):
         main(["bench", "--tiny", "--warmup", "0"])
+
+
+@pytest.mark.parametrize("name, kind, parameters", [
+    ("roberta-125m", "cls", 124_647_170),  # roberta-base's 124,645,632 with a 2-label head instead of the pooler
+    ("gpt2-124m", "lm", 124_439_808),  # gpt2
+    ("llama-1b", "lm", 1_235_814_400),  # Llama-3.2-1B
+])
+def test_random_models_have_the_shapes_they_are_named_after(name, kind, parameters):
+    assert bench.parse_model(name) == (name, kind)
+    model = bench.load_model(name, kind, torch.float32, torch.device("meta"))  # shapes only, no memory
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_gpu_svd_benchmark_says_it_needs_cuda(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_svd.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode != 0 and "gpu_svd.py needs a CUDA device" in done.stderr
+    assert not any(tmp_path.iterdir())
