@@ -99,10 +99,9 @@ def checked_svd(w: torch.Tensor, fast: SvdFn, exact: SvdFn) -> tuple[torch.Tenso
     batch = w.reshape(-1, *w.shape[-2:])  # [B, out, in]
     try:
         u, s, vh = fast(batch)  # [B, out, k], [B, k], [B, k, in]
-        bad = ~(svd_error(batch, u, s, vh) <= SVD_TOLERANCE)  # [B]
     except torch.linalg.LinAlgError:  # one matrix failed the whole batch: factorize them one by one
         u, s, vh = (torch.cat(parts) for parts in zip(*(_fast_or_exact(m[None], fast, exact) for m in batch)))
-        bad = ~(svd_error(batch, u, s, vh) <= SVD_TOLERANCE)
+    bad = ~(svd_error(batch, u, s, vh) <= SVD_TOLERANCE)  # [B]
     if bad.any():
         u[bad], s[bad], vh[bad] = exact(batch[bad])
     k = s.shape[-1]
