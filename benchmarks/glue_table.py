@@ -361,9 +361,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         previous = previous_report(report, args.out) if args.resume else {}
     except ValueError as err:
         raise SystemExit(f"glue_table: {err}") from None
-    report["tasks"] = {t: r for t, r in previous.get("tasks", {}).items() if t in task_list and finished(r, args.seeds)}
+    # Every earlier task result stays in each write until its rerun replaces it: a crash while seed
+    # repeats are added must not lose a grid from glue.json.
+    report["tasks"] = {t: r for t, r in previous.get("tasks", {}).items() if t in task_list}
     start = time.perf_counter() - previous.get("total_seconds", 0.0)
-    todo = {t: previous.get("tasks", {}).get(t) for t in task_list if t not in report["tasks"]}
+    todo = {t: report["tasks"].get(t) for t in task_list if not finished(report["tasks"].get(t, {}), args.seeds)}
     for task, result in run_tasks(todo, BUDGETS[name], args):
         report["tasks"][task] = result
         report["tasks"] = {t: report["tasks"][t] for t in task_list if t in report["tasks"]}  # task order

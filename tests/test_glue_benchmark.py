@@ -109,3 +109,35 @@ def test_seed_range_names_one_seed_or_a_span():
     bench = load_benchmark("glue_table")
     assert bench.seed_range(0, 1) == "seed 0"
     assert bench.seed_range(3, 2) == "seeds 3 to 4"
+
+
+def test_a_crash_while_adding_seeds_keeps_every_grid_in_glue_json(tmp_path, monkeypatch):
+    bench = load_benchmark("glue_table")
+
+    def task(scores: list[float]) -> dict:
+        return {"data": {"subsampled": True}, "runs": {"0.001": {"final_score": scores[0]}}, "chosen": {},
+                "seeds": {m: scores for m in bench.METHODS}}
+
+    report = {"benchmark": "glue", "budget_name": "tiny", "budget": bench.asdict(bench.BUDGETS["tiny"]),
+              "model": "minilm", "rank": 8, "seed": 0, "tasks": {"RTE": task([0.5]), "STS-B": task([0.8])},
+              "total_seconds": 5.0}
+    (tmp_path / "glue.json").write_text(json.dumps(report))
+    monkeypatch.setattr(bench, "markdown", lambda report: "")
+
+    def first_task_then_crash(todo, budget, args):
+        assert list(todo) == ["RTE", "STS-B"]
+        yield "RTE", task([0.5, 0.6])
+        raise KeyboardInterrupt  # the run dies before STS-B's new seed is done
+
+    monkeypatch.setattr(bench, "run_tasks", first_task_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--tiny", "--tasks", "rte", "sts-b", "--resume", "--seeds", "2", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "glue.json").read_text())
+    assert saved["tasks"] == {"RTE": task([0.5, 0.6]), "STS-B": task([0.8])} and not saved["complete"]
+
+    todos = []
+    monkeypatch.setattr(bench, "run_tasks", lambda todo, budget, args: todos.append(todo) or iter(()))
+    monkeypatch.setattr(bench, "step_time_ab", lambda *a: {})
+    monkeypatch.setattr(bench, "target_checks", lambda *a: {})
+    bench.main(["--tiny", "--tasks", "rte", "sts-b", "--resume", "--seeds", "2", "--out", str(tmp_path)])
+    assert todos == [{"STS-B": task([0.8])}]  # resuming again reruns only STS-B's missing seed, with its grid
