@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -52,14 +51,6 @@ def matrices(name: str, batch: int, out: int, inp: int, device: torch.device) ->
     return ((q1 * s.to(device)) @ q2.mT).float(), s
 
 
-def timed(fn, *args):
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn(*args)
-    torch.cuda.synchronize()
-    return result, time.perf_counter() - start
-
-
 def accuracy_rows(shapes: list[tuple[int, int]], batch: int, device: torch.device) -> list[dict]:
     rows = []
     for out, inp in shapes:
@@ -67,16 +58,18 @@ def accuracy_rows(shapes: list[tuple[int, int]], batch: int, device: torch.devic
             w, s_true = matrices(name, batch, out, inp, device)
             for method, fn in METHODS.items():
                 row = {"shape": f"{batch} x {out} x {inp}", "spectrum": name, "method": method}
+                factors = []
                 try:
                     fn(w[:1])  # warm-up: cuSOLVER handles and workspaces
-                    (u, s, vh), row["seconds"] = timed(fn, w)
+                    row["seconds"] = bench.timed(lambda: factors.extend(fn(w)), device)
                 except torch.linalg.LinAlgError:  # gesvda gives up on some rank-deficient batches
-                    rows.append(row | {"seconds": None, "error": "raised LinAlgError"})
-                    continue
-                row["error"] = subspace.svd_error(w.double(), u.double(), s.double(), vh.double()).max().item()
-                row["s error"] = ((s.double().cpu() - s_true).abs().max() / s_true[0]).item()
+                    row |= {"seconds": None, "error": "raised LinAlgError"}
+                else:
+                    u, s, vh = factors
+                    row["error"] = subspace.svd_error(w.double(), u.double(), s.double(), vh.double()).max().item()
+                    row["s error"] = ((s.double().cpu() - s_true).abs().max() / s_true[0]).item()
                 rows.append(row)
-                print(rows[-1], flush=True)
+                print(row, flush=True)
     return rows
 
 
@@ -90,7 +83,7 @@ def resample_rows(model_name: str, reps: int, device: torch.device) -> list[dict
     for method, fn in (("rosa thin_svd", library), ("torch default (gesvdj)", METHODS["torch default (gesvdj)"])):
         subspace.thin_svd = fn
         try:
-            times = [timed(rosa.resample, model)[1] for _ in range(reps)]
+            times = [bench.timed(lambda: rosa.resample(model), device) for _ in range(reps)]
         finally:
             subspace.thin_svd = library
         rows.append({"model": model_name, "layers": layers, "method": method, "median seconds": statistics.median(times),
