@@ -1,4 +1,4 @@
-"""Shared test helpers: where the real data lives, and loading a benchmark script as a module."""
+"""Shared test helpers: where the real data lives, loading a benchmark script as a module, relative error."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # CI clones the repo with a copy of shared/ beside it; ROSA_SHARED_DATA points elsewhere.
@@ -20,3 +22,9 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64 on the CPU (``||b||`` floored at 1e-12), for tensors of any dtype and device."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()

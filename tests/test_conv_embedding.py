@@ -12,13 +12,10 @@ from torch import nn
 from torch.func import functional_call
 
 import rosa
+from helpers import rel_err
 from rosa.layers import RosaConv2d, RosaEmbedding, is_supported, layer_class_for
 
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 @st.composite

@@ -16,16 +16,12 @@ from torch import nn
 import rosa
 from rosa import subspace
 from rosa.checkpoint import load_checkpoint, save_checkpoint
+from helpers import rel_err
 from rosa.layers import RosaLinear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 transformers = pytest.importorskip("transformers")
 CUDA = torch.device("cuda")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 def tiny_model(arch: str) -> nn.Module:

@@ -6,6 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import rosa
+from helpers import rel_err
 from rosa.layers import RosaLinear
 
 
@@ -18,10 +19,6 @@ def make_base(kind: str, inp: int, out: int, bias: bool, seed: int = 0) -> nn.Mo
     if bias:
         nn.init.normal_(layer.bias, std=0.2)
     return layer
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 @given(
