@@ -116,18 +116,21 @@ def test_bad_option_is_named():
         run_cli("--task", "RTE", "--data-dir", "unused", "--epochs", "0")
 
 
-@pytest.mark.real_model
 def test_malformed_tsv_names_file_and_line(tmp_path):
     task_dir = tmp_path / "RTE"
     task_dir.mkdir()
     header = "index\tsentence1\tsentence2\tlabel\n"
     (task_dir / "train.tsv").write_text(header + "0\tA\tB\tentailment\n1\tonly two\tcolumns\n")
     (task_dir / "dev.tsv").write_text(header + "0\tA\tB\tentailment\n")
+    no_model = tmp_path / "no-model-here"  # the data is read, and rejected, before any model is loaded
     with pytest.raises(SystemExit, match=rf"{task_dir / 'train.tsv'}: line 3: expected at least 4"):
-        run_cli("--task", "RTE", "--data-dir", str(tmp_path))
+        run_cli("--task", "RTE", "--data-dir", str(tmp_path), "--model", str(no_model))
     (task_dir / "train.tsv").write_text(header + "0\tA\tB\tmaybe\n")
     with pytest.raises(SystemExit, match=r"train.tsv: line 2: label 'maybe' is not one of"):
-        run_cli("--task", "RTE", "--data-dir", str(tmp_path))
+        run_cli("--task", "RTE", "--data-dir", str(tmp_path), "--model", str(no_model))
+    (task_dir / "train.tsv").write_text(header + "0\tA\tB\tentailment\n")
+    with pytest.raises(SystemExit, match=rf"model folder {no_model} does not exist"):  # good data: now the model
+        run_cli("--task", "RTE", "--data-dir", str(tmp_path), "--model", str(no_model))
 
 
 def test_length_grouped_batches_cover_every_example_once_and_reshuffle():

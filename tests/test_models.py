@@ -5,6 +5,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read it
 
 import importlib.util
+import re
 import json
 from pathlib import Path
 
@@ -80,10 +81,20 @@ def smollm2_cache(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize(
-    "name", ["bert-base-uncased", "HuggingFaceTB/SmolLM2-135M", "MiniLM", "smollm2-360m", "./minilm"]
+    "name", ["bert-base-uncased", "HuggingFaceTB/SmolLM2-135M", "MiniLM", "smollm2-360m", "./minilm", "a/b/c"]
 )
-def test_unknown_names_pass_through_unchanged(name):
+def test_unknown_names_and_existing_folders_pass_through_unchanged(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "minilm").mkdir()
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
     assert models.resolve_model_source(name) == name
+
+
+@pytest.mark.parametrize("name", ["./minilm", "../x/y", "/no/such/model", "~/no-such-model", "a/b/c"])
+def test_missing_local_folder_is_named_not_sent_to_the_hub(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"model folder {re.escape(name)} does not exist.*hub id"):
+        models.resolve_model_source(name)
 
 
 def test_missing_smollm2_package_gives_install_hint(monkeypatch, tmp_path):

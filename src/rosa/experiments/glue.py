@@ -132,16 +132,22 @@ def tokenize(split: GlueSplit, tokenizer, max_length: int) -> list[dict[str, Any
     return [{**{k: encoded[k][i] for k in keys}, "labels": split.labels[i]} for i in range(len(split))]
 
 
-def load_data(s: GlueSettings, tokenizer) -> GlueData:
-    """Read, subsample (seeded) and tokenize the train and dev splits of ``s.task``."""
-    spec = get_task_spec(s.task)
+def read_data(s: GlueSettings) -> tuple[GlueSplit, GlueSplit, dict[str, Any]]:
+    """The train and dev splits of ``s.task``, read and subsampled (seeded), with their sizes."""
     train_full, dev_full = read_split(s, "train"), read_split(s, "dev")
     train = subsample(train_full, s.max_train_samples, s.seed)
     dev = subsample(dev_full, s.max_eval_samples, s.seed)
     sizes = {"train_samples": len(train), "train_total": len(train_full),
              "eval_samples": len(dev), "eval_total": len(dev_full),
              "subsampled": len(train) < len(train_full) or len(dev) < len(dev_full)}
-    return GlueData(spec, tokenize(train, tokenizer, s.max_length), tokenize(dev, tokenizer, s.max_length), sizes)
+    return train, dev, sizes
+
+
+def load_data(s: GlueSettings, tokenizer, splits: Optional[tuple[GlueSplit, GlueSplit, dict[str, Any]]] = None) -> GlueData:
+    """The tokenized train and dev examples of ``s.task``; ``splits`` from :func:`read_data`, else read now."""
+    train, dev, sizes = read_data(s) if splits is None else splits
+    return GlueData(get_task_spec(s.task), tokenize(train, tokenizer, s.max_length),
+                    tokenize(dev, tokenizer, s.max_length), sizes)
 
 
 class LengthGroupedBatches(torch.utils.data.Sampler):
@@ -432,8 +438,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Entry point of ``rosa glue``; bad options or data exit with a message naming the problem."""
     try:
         s = settings_from_args(args)
+        splits = read_data(s)  # before the model: a data error needs no model to report
         tokenizer = load_tokenizer(s.model)
-        data = load_data(s, tokenizer)
+        data = load_data(s, tokenizer, splits)
     except (ValueError, OSError, ImportError, RuntimeError) as err:  # options, data files, model, hub
         raise SystemExit(f"rosa glue: {err}") from None
     out = Path(args.out) if args.out else Path("runs/glue") / s.task

@@ -41,7 +41,17 @@ def resolve_model_source(name_or_path: str) -> str:
         return str(minilm_folder())
     if name_or_path == SMOLLM2_ALIAS:
         return str(smollm2_folder())
+    if is_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(
+            f"model folder {name_or_path} does not exist: pass an existing save_pretrained folder, "
+            f"a hub id (namespace/name), or '{MINILM_ALIAS}' / '{SMOLLM2_ALIAS}'"
+        )
     return name_or_path
+
+
+def is_local_path(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` can only be a folder, never a hub id (``name`` or ``namespace/name``)."""
+    return os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
 
 
 def minilm_folder() -> Path:
