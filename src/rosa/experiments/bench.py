@@ -361,11 +361,12 @@ def bench_model(name: str, kind: str, s: BenchSettings) -> dict[str, Any]:
     runs = {method: prepare(copy.deepcopy(original), method, s) for method in METHODS}
 
     step_times = alternating_times(
-        {m: (lambda m=m: train_step(*runs[m], batch)) for m in METHODS}, s.steps, s.warmup, device, f"{name}: train"
+        {m: (lambda run=run: train_step(*run, batch)) for m, run in runs.items()}, s.steps, s.warmup, device,
+        f"{name}: train",
     )
     counts = {m: byte_counts(*runs[m]) for m in METHODS}
-    peaks = {m: resident_bytes(*runs[m]) + transient_peak(lambda m=m: train_step(*runs[m], batch), device)
-             for m in METHODS}
+    peaks = {m: resident_bytes(*run) + transient_peak(lambda run=run: train_step(*run, batch), device)
+             for m, run in runs.items()}
     resample = bench_resample(*runs["rosa"], s, device)
     del runs["full"]  # frees the largest state before the inference copies
 
