@@ -29,12 +29,14 @@ taken to 5 seeds that way, one seed at a time).
     OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --budget long \
         --out benchmarks/results/glue-long                          # 3 seeds, ~4 h on 2 cores
     python benchmarks/glue_table.py --tiny --out /tmp/glue-smoke
+    python benchmarks/glue_table.py --report-only --out benchmarks/results/glue-long   # table from glue.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import statistics
 import time
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+from scipy import stats
 
 from rosa.experiments import glue
 from rosa.experiments.glue_data import get_task_spec
@@ -201,6 +204,39 @@ def averages(tasks: dict[str, Any]) -> dict[str, float]:
     return {m: statistics.fmean(seed_mean(r, m) for r in tasks.values()) for m in METHODS}
 
 
+def paired_difference(a: list[float], b: list[float]) -> dict[str, Any]:
+    """Mean of ``a[i] - b[i]`` over seeds (x100) and its 95% Student-t interval (``None`` for one seed)."""
+    diffs = [100 * (x - y) for x, y in zip(a, b, strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"mean": mean, "ci95": None, "seeds": len(diffs)}
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"mean": mean, "ci95": [mean - half, mean + half], "seeds": len(diffs)}
+
+
+def paired_comparisons(tasks: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """ROSA minus LoRA and ROSA minus full, per task and on the task average, paired by seed (a seed
+    fixes the data subset, head init and data order for every method, so its differences pair up)."""
+    seeds = min(len(seed_scores(r, "rosa")) for r in tasks.values())
+    per_seed_average = {m: [statistics.fmean(seed_scores(r, m)[i] for r in tasks.values()) for i in range(seeds)]
+                        for m in METHODS}
+    return {
+        f"rosa_minus_{other}": {
+            **{t: paired_difference(seed_scores(r, "rosa"), seed_scores(r, other)) for t, r in tasks.items()},
+            "average": paired_difference(per_seed_average["rosa"], per_seed_average[other]),
+        }
+        for other in ("lora", "full")
+    }
+
+
+def interval(difference: dict[str, Any]) -> str:
+    """``"+0.4 [-1.2, +2.0]"``: a paired difference and its 95% interval (just the difference for one seed)."""
+    if difference["ci95"] is None:
+        return f"{difference['mean']:+.1f}"
+    low, high = difference["ci95"]
+    return f"{difference['mean']:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+
 def target_checks(tasks: dict[str, Any], step_time: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets, on seed means: ROSA >= LoRA on 3 of 4 tasks (3/4 of those run) and on average;
     ROSA within 1 point of full fine-tuning on average; ROSA's median step time within 10% of LoRA's."""
@@ -274,6 +310,13 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         format_table(seed0_rows, ["method", *names], ".1f"),
     ]
+    if report.get("paired"):
+        paired_rows = [{"difference": name.replace("_minus_", " - "), **{t: interval(d) for t, d in diffs.items()}}
+                       for name, diffs in report["paired"].items()]
+        lines += ["", "Paired by seed (x100): the mean over seeds of the per-seed difference, with its 95% "
+                      "Student-t interval; an interval that contains 0 means the seeds cannot tell the two "
+                      "methods apart on that column.", "",
+                  format_table(paired_rows, ["difference", *names, "average"])]
     if report.get("step_time"):
         t = report["step_time"]
         lines += ["", f"Step time, ROSA vs LoRA timed alternately on one batch of {t['batch_shape'][0]}x"
@@ -302,6 +345,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     """Write ``glue.json`` and ``glue.md`` for the tasks finished so far."""
     tasks = report["tasks"]
     report["average"] = averages(tasks) if tasks else {}
+    report["paired"] = paired_comparisons(tasks) if tasks else {}
     report["targets"] = target_checks(tasks, report["step_time"]) if report.get("step_time") else {}
     write_json(out / "glue.json", report)
     (out / "glue.md").write_text(markdown(report))
@@ -327,6 +371,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                              "with OMP_NUM_THREADS=1 each)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the finished tasks of OUT/glue.json (same budget, model, rank and seed)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: rewrite OUT/glue.md (and the derived fields of OUT/glue.json) "
+                             "from OUT/glue.json")
     return parser.parse_args(argv)
 
 
@@ -344,12 +391,26 @@ def previous_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
     return previous
 
 
+def rewrite_report(out: Path) -> dict[str, Any]:
+    """``out/glue.md`` and the averages, targets and paired differences of ``out/glue.json``, recomputed from
+    the runs that ``out/glue.json`` holds."""
+    path = out / "glue.json"
+    if not path.is_file():
+        raise SystemExit(f"glue_table: --report-only needs {path}; run the benchmark with --out {out} first")
+    report = json.loads(path.read_text())
+    write_report(report, out)
+    print(markdown(report))
+    return report
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the benchmark; returns the report written to ``glue.json``."""
     args = parse_args(argv)
     for option in ("workers", "seeds"):
         if getattr(args, option) < 1:
             raise SystemExit(f"glue_table: --{option} must be at least 1, got {getattr(args, option)}")
+    if args.report_only:
+        return rewrite_report(args.out)
     task_list = [get_task_spec(t).name for t in args.tasks]
     name = args.budget
     report: dict[str, Any] = {

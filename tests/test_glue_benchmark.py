@@ -141,3 +141,51 @@ def test_a_crash_while_adding_seeds_keeps_every_grid_in_glue_json(tmp_path, monk
     monkeypatch.setattr(bench, "target_checks", lambda *a: {})
     bench.main(["--tiny", "--tasks", "rte", "sts-b", "--resume", "--seeds", "2", "--out", str(tmp_path)])
     assert todos == [{"STS-B": task([0.8])}]  # resuming again reruns only STS-B's missing seed, with its grid
+
+
+def test_paired_difference_matches_a_hand_computed_case_and_scipys_paired_t_interval():
+    bench = load_benchmark("glue_table")
+    hand = bench.paired_difference([0.03, 0.05, 0.07], [0.02, 0.03, 0.04])  # differences 1, 2, 3 (x100)
+    half = 4.302652729911275 / 3 ** 0.5  # t(0.975, 2 dof) * stdev 1 / sqrt(3)
+    assert hand["mean"] == pytest.approx(2.0) and hand["ci95"] == pytest.approx([2 - half, 2 + half])
+    assert hand["seeds"] == 3
+
+    stats = pytest.importorskip("scipy.stats")
+    a, b = [0.61, 0.55, 0.72, 0.58, 0.66], [0.60, 0.57, 0.69, 0.52, 0.66]
+    ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert bench.paired_difference(a, b)["ci95"] == pytest.approx([100 * ci.low, 100 * ci.high])
+    assert bench.paired_difference([0.5], [0.25]) == {"mean": 25.0, "ci95": None, "seeds": 1}
+    with pytest.raises(ValueError):  # unequal seed counts cannot pair up
+        bench.paired_difference([0.5, 0.6], [0.5])
+
+
+def test_paired_comparisons_pair_tasks_by_seed_and_average_each_seed_over_tasks():
+    bench = load_benchmark("glue_table")
+    scores = {"RTE": {"rosa": [0.50, 0.56], "lora": [0.52, 0.50], "full": [0.55, 0.53]},
+              "STS-B": {"rosa": [0.80, 0.82], "lora": [0.81, 0.80], "full": [0.78, 0.79]}}
+    tasks = {t: {"seeds": s} for t, s in scores.items()}
+    paired = bench.paired_comparisons(tasks)
+    assert paired["rosa_minus_lora"]["RTE"]["mean"] == pytest.approx(2.0)  # (-2 + 6) / 2
+    assert paired["rosa_minus_full"]["STS-B"]["mean"] == pytest.approx(2.5)  # (2 + 3) / 2
+    # per-seed averages over tasks: rosa 0.65, 0.69; lora 0.665, 0.65 -> differences -1.5, +4.0
+    average = paired["rosa_minus_lora"]["average"]
+    assert average == bench.paired_difference([0.65, 0.69], [0.665, 0.65])
+    assert average["mean"] == pytest.approx(1.25)
+    assert bench.interval(average).startswith("+1.2 [") and bench.interval({"mean": -0.04, "ci95": None}) == "-0.0"
+
+
+def test_report_only_rewrites_the_tables_from_glue_json_without_training(tmp_path, monkeypatch):
+    bench = load_benchmark("glue_table")
+    with pytest.raises(SystemExit, match=r"--report-only needs .*glue.json; run the benchmark with --out"):
+        bench.main(["--report-only", "--out", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
+
+    committed = json.loads((REPO / "benchmarks" / "results" / "glue-long" / "glue.json").read_text())
+    for derived in ("average", "targets", "paired"):
+        committed.pop(derived, None)
+    (tmp_path / "glue.json").write_text(json.dumps(committed))
+    monkeypatch.setattr(bench, "run_tasks", lambda *a: pytest.fail("--report-only must not train"))
+    report = bench.main(["--report-only", "--out", str(tmp_path)])
+    assert report["paired"]["rosa_minus_lora"]["average"]["seeds"] == committed["seeds"]
+    assert (tmp_path / "glue.md").read_text() == (REPO / "benchmarks" / "results" / "glue-long" / "glue.md").read_text()
+    assert json.loads((tmp_path / "glue.json").read_text())["targets"] == report["targets"]
