@@ -5,7 +5,8 @@ each method's learning rate is picked from a small grid by its final dev score (
 rerun with ``--seeds`` - 1 further seeds (new subsets, inits and data order) so the table shows
 each method's mean and spread. Writes ``glue.json`` and ``glue.md`` (the README table) into
 ``--out`` (default ``benchmarks/results``), rewritten after every task so a long run shows its
-progress.
+progress. Each finished run also waits in ``OUT/runs/TASK/`` until its task is in ``glue.json``,
+so ``--resume`` after a crash retrains at most the runs that were in progress.
 
 Budgets: ``--tiny`` runs in seconds (CI smoke test; the numbers mean nothing). The default was
 sized on this project's idle 2-core CPU machine with two workers of one torch thread each: ROSA or
@@ -35,9 +36,11 @@ taken to 5 seeds that way, one seed at a time).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
+import shutil
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -56,6 +59,7 @@ from rosa.experiments.reporting import default_device, format_table, machine_inf
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("CoLA", "MRPC", "RTE", "STS-B")
+RUNS = "runs"  # OUT/runs/TASK/: finished runs of tasks not yet in glue.json, so a crash loses at most one run
 
 
 @dataclass(frozen=True)
@@ -94,12 +98,42 @@ def task_settings(task: str, budget: Budget, args: argparse.Namespace, seed: int
     )
 
 
-def train(method: str, lr: float, settings: glue.GlueSettings, data: glue.GlueData, tokenizer) -> dict[str, Any]:
-    """One training run's result, with a progress line."""
-    result = glue.train_method(method, lr, replace(settings, methods=[method]), data, tokenizer).result
+def run_file(out: Path, task: str, method: str, lr: float, seed: int) -> Path:
+    """Where one finished run waits until its task is in ``glue.json``: ``OUT/runs/TASK/METHOD-lrLR-seedSEED.json``."""
+    return out / RUNS / task / f"{method}-lr{lr:g}-seed{seed}.json"
+
+
+def train(method: str, lr: float, settings: glue.GlueSettings, data: glue.GlueData, tokenizer,
+          args: argparse.Namespace) -> dict[str, Any]:
+    """One training run's result, with a progress line. Each finished run is saved to :func:`run_file`;
+    with ``--resume`` a saved run with the same settings is reused instead of trained again."""
+    path = run_file(args.out, settings.task, method, lr, settings.seed)
+    run_settings = json.loads(json.dumps({**asdict(replace(settings, methods=[method])), "lr": lr}))
+    saved = read_saved_run(path) if args.resume else {}
+    if saved.get("settings") == run_settings:
+        result, how = saved["result"], f"reused from {path}"
+    else:
+        result = glue.train_method(method, lr, replace(settings, methods=[method]), data, tokenizer).result
+        write_json(path, {"settings": run_settings, "result": result})
+        how = f"{result['wall_seconds']:.0f} s, {1000 * result['step_seconds_median']:.0f} ms/step"
     print(f"{settings.task:6s} {method:5s} lr={lr:<7g} seed={settings.seed} score={result['final_score']:.4f} "
-          f"({result['wall_seconds']:.0f} s, {1000 * result['step_seconds_median']:.0f} ms/step)", flush=True)
+          f"({how})", flush=True)
     return result
+
+
+def read_saved_run(path: Path) -> dict[str, Any]:
+    """A saved run, or ``{}`` if there is none or it cannot be read (it is then trained again)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def forget_runs(out: Path, task: str) -> None:
+    """Delete a task's saved runs once ``glue.json`` holds the task (and ``OUT/runs`` once it is empty)."""
+    shutil.rmtree(out / RUNS / task, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: other tasks' runs are still waiting
+        (out / RUNS).rmdir()
 
 
 def run_grid(task: str, budget: Budget, args: argparse.Namespace) -> dict[str, Any]:
@@ -108,7 +142,8 @@ def run_grid(task: str, budget: Budget, args: argparse.Namespace) -> dict[str, A
     settings = task_settings(task, budget, args, args.seed)
     tokenizer = glue.load_tokenizer(settings.model)
     data = glue.load_data(settings, tokenizer)
-    runs = {m: {f"{lr:g}": train(m, lr, settings, data, tokenizer) for lr in budget.lr_grid[m]} for m in METHODS}
+    runs = {m: {f"{lr:g}": train(m, lr, settings, data, tokenizer, args) for lr in budget.lr_grid[m]}
+            for m in METHODS}
     chosen = {m: max(r.values(), key=lambda r: r["final_score"]) for m, r in runs.items()}
     return {"data": data.sizes, "chosen": chosen, "runs": runs}
 
@@ -125,7 +160,7 @@ def run_seeds(task: str, result: dict[str, Any], budget: Budget, args: argparse.
         tokenizer = glue.load_tokenizer(settings.model)
         data = glue.load_data(settings, tokenizer)
         for m in METHODS:
-            scores[m].append(train(m, result["chosen"][m]["lr"], settings, data, tokenizer)["final_score"])
+            scores[m].append(train(m, result["chosen"][m]["lr"], settings, data, tokenizer, args)["final_score"])
     return scores
 
 
@@ -370,7 +405,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="tasks trained at once, each in its own process (at most the CPU cores; "
                              "with OMP_NUM_THREADS=1 each)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the finished tasks of OUT/glue.json (same budget, model, rank and seed)")
+                        help="keep the finished tasks of OUT/glue.json (same budget, model, rank and seed) "
+                             "and the finished runs saved in OUT/runs of the tasks that were still running")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: rewrite OUT/glue.md (and the derived fields of OUT/glue.json) "
                              "from OUT/glue.json")
@@ -433,6 +469,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         report["tasks"] = {t: report["tasks"][t] for t in task_list if t in report["tasks"]}  # task order
         report["total_seconds"] = time.perf_counter() - start
         write_report(report, args.out)
+        forget_runs(args.out, task)
     report["step_time"] = step_time_ab(BUDGETS[name], TIMING_STEPS[name], args)
     report["complete"] = True
     report["total_seconds"] = time.perf_counter() - start

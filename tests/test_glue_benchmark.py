@@ -189,3 +189,49 @@ def test_report_only_rewrites_the_tables_from_glue_json_without_training(tmp_pat
     assert report["paired"]["rosa_minus_lora"]["average"]["seeds"] == committed["seeds"]
     assert (tmp_path / "glue.md").read_text() == (REPO / "benchmarks" / "results" / "glue-long" / "glue.md").read_text()
     assert json.loads((tmp_path / "glue.json").read_text())["targets"] == report["targets"]
+
+
+
+def test_a_crash_mid_task_loses_only_the_run_in_progress(tmp_path, monkeypatch):
+    bench = load_benchmark("glue_table")
+    monkeypatch.setattr(bench.glue, "load_tokenizer", lambda model: None)
+    monkeypatch.setattr(bench.glue, "load_data", lambda settings, tokenizer: type("Data", (), {"sizes": {}})())
+    monkeypatch.setattr(bench, "step_time_ab", lambda *a: {})
+    monkeypatch.setattr(bench, "markdown", lambda report: "")
+    trained, crash_after = [], [4]
+
+    def train_method(method, lr, settings, data, tokenizer):
+        if len(trained) == crash_after[0]:
+            raise KeyboardInterrupt
+        trained.append((method, lr, settings.seed))
+        score = {"rosa": 0.6, "lora": 0.5, "full": 0.4}[method] + lr + settings.seed / 100
+        return bench.glue.MethodRun({"final_score": score, "lr": lr, "wall_seconds": 1.0,
+                                     "step_seconds_median": 0.1}, None)
+
+    monkeypatch.setattr(bench.glue, "train_method", train_method)
+    argv = ["--tiny", "--tasks", "rte", "--seeds", "2", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):  # the fifth run of RTE's grid dies
+        bench.main(argv)
+    saved = tmp_path / "runs" / "RTE"
+    assert sorted(p.name for p in saved.iterdir()) == sorted(f"{m}-lr{lr:g}-seed0.json" for m, lr, _ in trained)
+
+    grid = [(m, lr, 0) for m in bench.METHODS for lr in bench.BUDGETS["tiny"].lr_grid[m]]
+    seed1 = [(m, bench.BUDGETS["tiny"].lr_grid[m][-1], 1) for m in bench.METHODS]  # the larger LR scores higher
+    assert trained == grid[:4]
+    (saved / "lora-lr0.0015-seed0.json").write_text("{half a fil")  # an unreadable saved run is trained again
+    trained.clear()
+    crash_after[0] = None
+    report = bench.main([*argv, "--resume"])
+    assert trained == [grid[3], *grid[4:], *seed1]  # the first three saved runs were reused
+    assert report["tasks"]["RTE"]["seeds"]["rosa"] == pytest.approx([0.6015, 0.6115])
+    assert not (tmp_path / "runs").exists()  # RTE is in glue.json: its saved runs are gone
+
+    trained.clear()
+    crash_after[0] = 2
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    assert len(list(saved.iterdir())) == 2
+    trained.clear()
+    crash_after[0] = None
+    bench.main(argv)  # without --resume nothing saved is reused: a fresh run trains everything
+    assert trained == [*grid, *seed1]
