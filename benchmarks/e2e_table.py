@@ -5,7 +5,8 @@ representation: no MR is both trained on and evaluated. Every method gets the sa
 order, optimizer steps, batch size, max length and greedy decoding; learning rates are the
 ``rosa e2e`` defaults (not tuned on the held-out MRs). Writes ``e2e.json``, ``e2e.md`` (the README
 table), ``e2e.samples.md`` (generations next to the references) and ``e2e.loss.png`` into
-``--out`` (default ``benchmarks/results``).
+``--out`` (default ``benchmarks/results``). The run in progress lives in ``OUT/e2e-run`` with a
+checkpoint of each method at every resample; after a crash ``--resume`` continues it from there.
 
 Budgets: ``--tiny`` runs in seconds on a tiny random Llama (CI smoke test; the numbers mean
 nothing). The default was sized by timing SmolLM2 on this project's 2-core CPU machine shared
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +40,7 @@ from rosa.experiments.reporting import format_table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct", None: "a tiny random Llama"}
+WORK = "e2e-run"  # OUT/e2e-run: the run in progress (checkpoints at every resample); deleted when it finishes
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,13 @@ BUDGETS = {
 
 
 def rosa_e2e_argv(budget: Budget, model: str, data: Path, seed: int, out: Path) -> list[str]:
-    """The ``rosa e2e`` command line that runs ``budget``."""
+    """The ``rosa e2e`` command line that runs ``budget``, checkpointing at every resample."""
     return ["e2e", "--model", model, "--data", str(data), "--eval-fraction", str(budget.eval_fraction),
             "--rank", str(budget.rank), "--max-steps", str(budget.steps), "--batch-size", str(budget.batch_size),
             "--max-length", str(budget.max_length), "--resample-every", str(budget.resample_every),
             "--max-eval-mrs", str(budget.eval_mrs), "--max-new-tokens", str(budget.max_new_tokens),
-            "--gen-batch-size", str(budget.gen_batch_size), "--seed", str(seed), "--out", str(out)]
+            "--gen-batch-size", str(budget.gen_batch_size), "--seed", str(seed), "--out", str(out),
+            "--checkpoint-every", str(budget.resample_every)]
 
 
 def tiny_model(folder: Path, data: Path) -> Path:
@@ -109,7 +111,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Run {machine['date']} on {machine['platform']}, {machine['cpu_count']} CPUs, "
         f"{machine['torch_threads']} torch threads, torch {machine['torch']}, CUDA: {machine['cuda'] or 'none'}; "
-        f"total wall time {report['total_seconds'] / 60:.0f} min. Budget `{report['budget_name']}`."
+        f"total wall time {report['total_seconds'] / 60:.0f} min"
+        + (" (resumed after an interruption: the time since the resume)" if report.get("resumed") else "")
+        + f". Budget `{report['budget_name']}`."
         + (" Smoke test on a random model: the numbers mean nothing." if budget["model"] is None else ""),
         "",
         format_table(e2e.summary_rows(result), e2e.TABLE_COLUMNS, ".4g"),
@@ -154,6 +158,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke budget on a tiny random model (CI)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help=f"continue the interrupted run in OUT/{WORK}: finished methods are not trained "
+                             "again, an unfinished one continues from its last checkpoint")
     return parser.parse_args(argv)
 
 
@@ -164,21 +171,25 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     budget = BUDGETS[name]
     if not args.data.is_file():
         raise SystemExit(f"e2e_table: {args.data} not found; pass --data path/to/e2e/dev.csv")
+    work = args.out / WORK
+    if work.exists() and not args.resume:
+        raise SystemExit(f"e2e_table: {work} holds an interrupted run; pass --resume to continue it, "
+                         "or delete it to start over")
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="rosa-e2e-") as work:
-        model = budget.model or str(tiny_model(Path(work) / "tiny-llama", args.data))
-        run_dir = Path(work) / "run"
-        rosa_main(rosa_e2e_argv(budget, model, args.data, args.seed, run_dir))
-        result = json.loads((run_dir / "result.json").read_text())
-        args.out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run_dir / "samples.md", args.out / "e2e.samples.md")
-        shutil.copyfile(run_dir / "loss.png", args.out / "e2e.loss.png")
+    model = budget.model or str(tiny_model(work / "tiny-llama", args.data))  # seeded: the same model again
+    run_dir = work / "run"
+    rosa_main([*rosa_e2e_argv(budget, model, args.data, args.seed, run_dir), *(["--resume"] if args.resume else [])])
+    result = json.loads((run_dir / "result.json").read_text())
+    shutil.copyfile(run_dir / "samples.md", args.out / "e2e.samples.md")
+    shutil.copyfile(run_dir / "loss.png", args.out / "e2e.loss.png")
     report = {
         "benchmark": "e2e", "budget_name": name, "budget": asdict(budget), "machine": result["machine"],
-        "total_seconds": time.perf_counter() - start, "targets": target_checks(result), "result": result,
+        "total_seconds": time.perf_counter() - start, "resumed": args.resume, "targets": target_checks(result),
+        "result": result,
     }
     write_json(args.out / "e2e.json", report)
     (args.out / "e2e.md").write_text(markdown(report))
+    shutil.rmtree(work)
     print(markdown(report))
     return report
 
