@@ -59,7 +59,7 @@ from rosa.experiments.reporting import default_device, format_table, machine_inf
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("CoLA", "MRPC", "RTE", "STS-B")
-RUNS = "runs"  # OUT/runs/TASK/: finished runs of tasks not yet in glue.json, so a crash loses at most one run
+RUNS = "runs"  # OUT/runs/TASK/: finished runs of tasks not yet in glue.json; a crash loses only runs in progress
 
 
 @dataclass(frozen=True)
