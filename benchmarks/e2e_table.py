@@ -175,16 +175,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if work.exists() and not args.resume:
         raise SystemExit(f"e2e_table: {work} holds an interrupted run; pass --resume to continue it, "
                          "or delete it to start over")
+    resumed = args.resume and work.exists()
     start = time.perf_counter()
     model = budget.model or str(tiny_model(work / "tiny-llama", args.data))  # seeded: the same model again
     run_dir = work / "run"
-    rosa_main([*rosa_e2e_argv(budget, model, args.data, args.seed, run_dir), *(["--resume"] if args.resume else [])])
+    rosa_main([*rosa_e2e_argv(budget, model, args.data, args.seed, run_dir), *(["--resume"] if resumed else [])])
     result = json.loads((run_dir / "result.json").read_text())
     shutil.copyfile(run_dir / "samples.md", args.out / "e2e.samples.md")
     shutil.copyfile(run_dir / "loss.png", args.out / "e2e.loss.png")
     report = {
         "benchmark": "e2e", "budget_name": name, "budget": asdict(budget), "machine": result["machine"],
-        "total_seconds": time.perf_counter() - start, "resumed": args.resume, "targets": target_checks(result),
+        "total_seconds": time.perf_counter() - start, "resumed": resumed, "targets": target_checks(result),
         "result": result,
     }
     write_json(args.out / "e2e.json", report)
