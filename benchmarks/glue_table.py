@@ -24,7 +24,7 @@ against the default's 3) on a 2-point grid per method. Pilots on 1280 STS-B and 
 epochs had ROSA level with or ahead of LoRA where at 3 epochs it trailed. Seed 0 with its grid
 took 127 minutes with two workers (the first half hour next to an E2E run), each further seed
 about 55; ``--resume --seeds K`` adds seeds to a finished run (the committed glue-long results were
-taken to 5 seeds that way, one seed at a time).
+taken to 5 seeds that way one seed at a time, then to 7 with seeds 5 and 6 together).
 
     OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2   # default budget, ~70 min on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --budget long \
