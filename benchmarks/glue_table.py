@@ -108,12 +108,13 @@ def train(method: str, lr: float, settings: glue.GlueSettings, data: glue.GlueDa
     """One training run's result, with a progress line. Each finished run is saved to :func:`run_file`;
     with ``--resume`` a saved run with the same settings is reused instead of trained again."""
     path = run_file(args.out, settings.task, method, lr, settings.seed)
-    run_settings = json.loads(json.dumps({**asdict(replace(settings, methods=[method])), "lr": lr}))
+    settings = replace(settings, methods=[method])
+    run_settings = json.loads(json.dumps({**asdict(settings), "lr": lr}))
     saved = read_saved_run(path) if args.resume else {}
     if saved.get("settings") == run_settings:
         result, how = saved["result"], f"reused from {path}"
     else:
-        result = glue.train_method(method, lr, replace(settings, methods=[method]), data, tokenizer).result
+        result = glue.train_method(method, lr, settings, data, tokenizer).result
         write_json(path, {"settings": run_settings, "result": result})
         how = f"{result['wall_seconds']:.0f} s, {1000 * result['step_seconds_median']:.0f} ms/step"
     print(f"{settings.task:6s} {method:5s} lr={lr:<7g} seed={settings.seed} score={result['final_score']:.4f} "

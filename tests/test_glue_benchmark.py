@@ -191,7 +191,6 @@ def test_report_only_rewrites_the_tables_from_glue_json_without_training(tmp_pat
     assert json.loads((tmp_path / "glue.json").read_text())["targets"] == report["targets"]
 
 
-
 def test_a_crash_mid_task_loses_only_the_run_in_progress(tmp_path, monkeypatch):
     bench = load_benchmark("glue_table")
     monkeypatch.setattr(bench.glue, "load_tokenizer", lambda model: None)
