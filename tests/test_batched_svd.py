@@ -82,11 +82,12 @@ def assert_same_layers(a: nn.Module, b: nn.Module) -> None:
         assert la.resample_count == lb.resample_count
 
 
-@pytest.mark.parametrize("svd", ["full", "randomized"])
+@pytest.mark.parametrize("svd, singular_values", [("full", "split"), ("randomized", "split"), ("full", "down")])
 @pytest.mark.parametrize("selection", ["random", "top"])
-def test_wrap_and_resample_batched_equal_per_layer(selection, svd, monkeypatch):
+def test_wrap_and_resample_batched_equal_per_layer(selection, svd, singular_values, monkeypatch):
     torch.manual_seed(0)
-    model = rosa.wrap(Mixed(), rosa.RosaConfig(rank=2, target_modules=r".*", selection=selection, svd=svd))
+    config = rosa.RosaConfig(rank=2, target_modules=r".*", selection=selection, svd=svd, singular_values=singular_values)
+    model = rosa.wrap(Mixed(), config)
     assert_same_layers(model, per_layer_copy(model))
     monkeypatch.setattr(rosa_model, "GROUP_BYTES", 64 * 64 * 4 * 2)  # groups split into chunks of 2
     reference = copy.deepcopy(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -89,10 +90,11 @@ class Run:
     loss_fn: object
 
     @classmethod
-    def build(cls, kind: str, init_seed: int = 0, rank: int = 2) -> "Run":
+    def build(cls, kind: str, init_seed: int = 0, rank: int = 2, singular_values: str = "split") -> "Run":
         make, loss_fn, targets = MODELS[kind]
         torch.manual_seed(init_seed)
-        model = rosa.wrap(make(), rosa.RosaConfig(rank=rank, dropout=0.1, seed=5, target_modules=targets))
+        config = rosa.RosaConfig(rank=rank, dropout=0.1, seed=5, target_modules=targets, singular_values=singular_values)
+        model = rosa.wrap(make(), config)
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
@@ -298,6 +300,24 @@ def test_different_rank_names_layer_and_shapes(trained):
     directory, _ = trained
     other = Run.build("mlp", rank=3)
     assert_rejected(other, directory, r"(?s)ROSA layer '0': rank is 2 in the checkpoint, 3 in the model.*'0.up'")
+
+
+def test_different_singular_value_placement_is_named(trained):
+    directory, _ = trained
+    other = Run.build("mlp", singular_values="down")
+    assert_rejected(other, directory, "ROSA layer '0': singular_values is 'split' in the checkpoint, 'down' in the model")
+
+
+def test_checkpoint_without_singular_value_placement_loads_as_split(trained):
+    """Checkpoints written before the field existed always used the split."""
+    directory, target = trained
+    manifest = json.loads((directory / checkpoint.MANIFEST).read_text())
+    for layer in manifest["layers"]:
+        del layer["singular_values"]
+    (directory / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    target.load(directory)
+    with pytest.raises(CheckpointError, match="singular_values is 'split' in the checkpoint, 'up' in the model"):
+        Run.build("mlp", singular_values="up").load(directory)
 
 
 def test_different_layers_and_parameter_names(tmp_path, trained):

@@ -27,6 +27,7 @@ from rosa.config import matches
         ("exclude_modules", [1], "exclude_modules"),
         ("modules_to_save", {"a": 1}, "modules_to_save"),
         ("factor_dtype", "float64", "factor_dtype"),
+        ("singular_values", "sqrt", "split, down, up"),
     ],
 )
 def test_invalid_field_raises_naming_field_and_value(field, value, fragment):

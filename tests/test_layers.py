@@ -27,14 +27,15 @@ def make_base(kind: str, inp: int, out: int, bias: bool, seed: int = 0) -> nn.Mo
     out=st.integers(1, 40),
     bias=st.booleans(),
     selection=st.sampled_from(["random", "top", "bottom"]),
+    singular_values=st.sampled_from(["split", "down", "up"]),
     data=st.data(),
 )
-def test_wrap_and_resample_preserve_function(kind, inp, out, bias, selection, data):
+def test_wrap_and_resample_preserve_function(kind, inp, out, bias, selection, singular_values, data):
     rank = data.draw(st.integers(1, min(inp, out)))
     base = make_base(kind, inp, out, bias)
     x = torch.randn(5, 3, inp)
     expected = base(x).detach()
-    layer = RosaLinear(base, rank, name="l", selection=selection)
+    layer = RosaLinear(base, rank, name="l", selection=selection, singular_values=singular_values)
     assert rel_err(layer(x).detach(), expected) <= 1e-5
     layer.resample()
     assert rel_err(layer(x).detach(), expected) <= 1e-5

@@ -14,11 +14,13 @@ from rosa import subspace
 @given(
     out=st.integers(1, 24), inp=st.integers(1, 24), data=st.data(),
     selection=st.sampled_from(["random", "top", "bottom"]),
+    singular_values=st.sampled_from(subspace.SINGULAR_VALUE_PLACEMENTS),
 )
-def test_factorize_reconstructs_weight(out, inp, data, selection):
+def test_factorize_reconstructs_weight(out, inp, data, selection, singular_values):
     rank = data.draw(st.integers(1, min(out, inp)))
     w = torch.randn(out, inp, generator=torch.Generator().manual_seed(out * 100 + inp))
-    up, down, residual = subspace.factorize(w, rank, selection, subspace.layer_generator(0, "l", 0))
+    generator = subspace.layer_generator(0, "l", 0)
+    up, down, residual = subspace.factorize(w, rank, selection, generator, singular_values=singular_values)
     assert up.shape == (out, rank) and down.shape == (rank, inp) and residual.shape == (out, inp)
     assert torch.allclose(residual + up @ down, w, atol=1e-5 * max(1.0, w.abs().max().item()))
 
@@ -35,6 +37,24 @@ def test_factors_split_singular_values_evenly_and_residual_is_the_rest():
     # The residual's nonzero singular values are exactly the unselected ones.
     rest = torch.tensor([i for i in range(7) if i not in idx.tolist()])
     assert torch.allclose(torch.linalg.svdvals(residual.double())[: len(rest)], s_ref[rest], atol=1e-5)
+
+
+@pytest.mark.parametrize("singular_values, up_power", [("split", 0.5), ("down", 0.0), ("up", 1.0)])
+def test_singular_values_go_where_asked_and_the_product_is_the_same(singular_values, up_power):
+    w = torch.randn(9, 12, dtype=torch.float64)
+    u_ref, s_ref, vh_ref = torch.linalg.svd(w, full_matrices=False)  # float64 reference
+    idx = torch.tensor([0, 3, 7])
+    up, down = subspace.split_factors(*subspace.svd(w), idx, singular_values)
+    # up's column norms are s**up_power, down's row norms s**(1 - up_power): [R] each.
+    assert torch.allclose(up.norm(dim=0).double(), s_ref[idx] ** up_power, atol=1e-5)
+    assert torch.allclose(down.norm(dim=1).double(), s_ref[idx] ** (1 - up_power), atol=1e-5)
+    product = (u_ref[:, idx] * s_ref[idx]) @ vh_ref[idx]  # [out, in], sign-independent
+    assert torch.allclose((up @ down).double(), product, atol=1e-5)
+
+
+def test_unknown_singular_value_placement_is_rejected():
+    with pytest.raises(ValueError, match="singular_values must be one of split, down, up, got 'both'"):
+        subspace.split_factors(*subspace.svd(torch.randn(4, 4)), torch.tensor([0]), "both")
 
 
 def test_top_and_bottom_pick_extreme_singular_values():

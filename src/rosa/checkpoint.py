@@ -3,7 +3,8 @@
 A checkpoint is a directory holding:
 
 * ``rosa.json``: format version, the ``RosaConfig``, each ROSA layer's metadata (name, type, rank,
-  selection, seed, resample count: the resample count fixes the layer's next subspace draw), the
+  selection, seed, singular-value placement, resample count: the resample count fixes the layer's
+  next subspace draw), the
   model class (and Hugging Face config), the index of the model state and a SHA-256 per file.
 * ``model.safetensors``: every parameter and persistent buffer (``W_res`` base weights, factors,
   heads ...). Tied weights are stored once; ``rosa.json`` records the other names.
@@ -161,7 +162,7 @@ def is_checkpoint(directory: PathLike) -> bool:
 
 # -- what gets stored ----------------------------------------------------------------------------
 def layer_metadata(model: nn.Module) -> list[dict]:
-    """Name, type, rank, selection, seed and resample count of every ROSA layer of ``model``."""
+    """Name, type, rank, selection, seed, singular-value placement and resample count of every ROSA layer of ``model``."""
     return [
         {
             "name": name,
@@ -170,6 +171,7 @@ def layer_metadata(model: nn.Module) -> list[dict]:
             "rank": layer.rank,
             "selection": layer.selection,
             "seed": layer.seed,
+            "singular_values": layer.singular_values,
             "resample_count": layer.resample_count,
         }
         for name, layer in rosa_layers(model).items()
@@ -316,8 +318,9 @@ def _model_problems(manifest: dict, saved: dict, model: nn.Module) -> list[str]:
     current_layers = {info["name"]: info for info in layer_metadata(model)}
     problems = _key_problems("ROSA layers", list(saved_layers), list(current_layers))
     for name in saved_layers.keys() & current_layers.keys():
-        for field in ("type", "base_type", "rank", "selection", "seed"):
-            theirs, mine = saved_layers[name][field], current_layers[name][field]
+        saved_layer = {"singular_values": "split", **saved_layers[name]}  # older checkpoints: always the split
+        for field in ("type", "base_type", "rank", "selection", "seed", "singular_values"):
+            theirs, mine = saved_layer[field], current_layers[name][field]
             if theirs != mine:
                 problems.append(f"ROSA layer {name!r}: {field} is {theirs!r} in the checkpoint, {mine!r} in the model")
     current = model.state_dict()

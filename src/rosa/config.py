@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .subspace import SVD_METHODS
+from .subspace import SINGULAR_VALUE_PLACEMENTS, SVD_METHODS
 
 SELECTIONS = ("random", "top", "bottom")
 FACTOR_DTYPES = {
@@ -52,6 +52,11 @@ class RosaConfig:
         exact, so the layer's function is still preserved. It applies to ``selection="top"`` with
         R <= min(out, in)/4 - 10; ``random`` and ``bottom`` need trailing singular vectors, so they
         (and larger ranks) use the exact SVD whatever this says.
+    singular_values: where the chosen singular values go: ``split`` (default, as DESIGN.md
+        specifies: ``sqrt(s)`` on each factor), ``down`` (all of ``s`` on ``down``, ``up`` keeps the
+        orthonormal singular vectors; what the paper authors' reference code does) or ``up`` (the
+        mirror image). The factors' product, and so the layer's function, is the same; what differs
+        is how fast each chosen direction trains (with ``split`` its update scales with ``sqrt(s_i)``).
     """
 
     rank: Union[int, float] = 8
@@ -64,6 +69,7 @@ class RosaConfig:
     modules_to_save: Patterns = None
     factor_dtype: Union[None, str, torch.dtype] = None
     svd: str = "full"
+    singular_values: str = "split"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +85,9 @@ class RosaConfig:
             raise _invalid("rank", rank, "a float rank is a fraction and must be in (0, 1]")
         if self.selection not in SELECTIONS:
             raise _invalid("selection", self.selection, f"choose one of {', '.join(SELECTIONS)}")
+        if self.singular_values not in SINGULAR_VALUE_PLACEMENTS:
+            raise _invalid("singular_values", self.singular_values,
+                           f"choose one of {', '.join(SINGULAR_VALUE_PLACEMENTS)}")
         dropout = self.dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise _invalid("dropout", dropout, "use a probability in [0, 1)")

@@ -73,6 +73,7 @@ class RosaLayer(nn.Module):
         dropout: float = 0.0,
         factor_dtype: Optional[torch.dtype] = None,
         svd: str = "full",
+        singular_values: str = "split",
         defer_factorize: bool = False,
     ) -> None:
         super().__init__()
@@ -85,6 +86,7 @@ class RosaLayer(nn.Module):
         self.selection = selection
         self.seed = seed
         self.svd = svd
+        self.singular_values = singular_values
         self.resample_count = 0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         base.weight.requires_grad_(False)
@@ -116,7 +118,8 @@ class RosaLayer(nn.Module):
     @torch.no_grad()
     def factorize(self) -> None:
         """Move a fresh subspace of the base weight into the factors; the layer's function is unchanged."""
-        factors = subspace.factorize(self.dense_weight(), self.rank, self.selection, self.subspace_generator(), self.svd)
+        factors = subspace.factorize(self.dense_weight(), self.rank, self.selection, self.subspace_generator(),
+                                     self.svd, self.singular_values)
         self.load_factors(*factors)
 
     @torch.no_grad()
@@ -163,7 +166,8 @@ class RosaLayer(nn.Module):
         return self.base.bias
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, rank={self.rank}, selection={self.selection}, resamples={self.resample_count}"
+        return (f"name={self.name!r}, rank={self.rank}, selection={self.selection}, "
+                f"singular_values={self.singular_values}, resamples={self.resample_count}")
 
 
 class RosaLinear(RosaLayer):

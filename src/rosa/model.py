@@ -109,6 +109,7 @@ def wrap(model: nn.Module, config: RosaConfig) -> nn.Module:
             dropout=config.dropout,
             factor_dtype=config.factor_torch_dtype,
             svd=config.svd,
+            singular_values=config.singular_values,
             defer_factorize=True,
         )
         if config.train_bias and module.bias is not None:
@@ -163,7 +164,7 @@ def _factorize_chunks(layers: Iterable[RosaLayer]) -> list[list[RosaLayer]]:
     groups: dict[tuple, list[RosaLayer]] = {}
     for layer in layers:
         weight = layer.dense_weight()
-        key = (tuple(weight.shape), weight.device, layer.rank, layer.selection, layer.svd)
+        key = (tuple(weight.shape), weight.device, layer.rank, layer.selection, layer.svd, layer.singular_values)
         groups.setdefault(key, []).append(layer)
     chunks = []
     for (shape, *_), members in groups.items():
@@ -177,7 +178,8 @@ def _factorize_chunk(layers: list[RosaLayer]) -> None:
     first = layers[0]
     weights = [layer.dense_weight() for layer in layers]
     generators = [layer.subspace_generator() for layer in layers]
-    ups, downs, residuals = subspace.factorize_group(weights, first.rank, first.selection, generators, first.svd)
+    ups, downs, residuals = subspace.factorize_group(weights, first.rank, first.selection, generators, first.svd,
+                                                     first.singular_values)
     for layer, up, down, residual in zip(layers, ups, downs, residuals):
         layer.load_factors(up, down, residual)
 

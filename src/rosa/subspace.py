@@ -160,18 +160,27 @@ def runs_randomized(method: str, selection: str, rank: int, shape: Sequence[int]
     return method == "randomized" and selection == "top" and pays_off
 
 
-def split_factors(
-    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, indices: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Trainable factors with the singular values split evenly between them (batched over leading dims).
+SINGULAR_VALUE_PLACEMENTS = ("split", "down", "up")
 
-    up   = U[:, I] * sqrt(s[I])          [..., out, R]
-    down = sqrt(s[I])[:, None] * Vh[I]   [..., R, in]
+
+def split_factors(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, indices: torch.Tensor, singular_values: str = "split"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trainable factors of the chosen triplets, batched over leading dims: ``up @ down = U[:, I] diag(s[I]) Vh[I]``.
+
+    ``singular_values`` says which factor carries ``s[I]``:
+    split: up = U[:, I] * sqrt(s[I])   [..., out, R],   down = sqrt(s[I])[:, None] * Vh[I]   [..., R, in]
+    down:  up = U[:, I],                                down = s[I][:, None] * Vh[I]
+    up:    up = U[:, I] * s[I],                         down = Vh[I]
     """
+    if singular_values not in SINGULAR_VALUE_PLACEMENTS:
+        raise ValueError(f"singular_values must be one of {', '.join(SINGULAR_VALUE_PLACEMENTS)}, got {singular_values!r}")
     indices = indices.to(s.device)  # [..., R]
-    root = torch.take_along_dim(s, indices, dim=-1).sqrt()  # [..., R]
-    up = torch.take_along_dim(u, indices[..., None, :], dim=-1) * root[..., None, :]  # [..., out, R]
-    down = root[..., :, None] * torch.take_along_dim(vh, indices[..., :, None], dim=-2)  # [..., R, in]
+    chosen = torch.take_along_dim(s, indices, dim=-1)  # [..., R]
+    root, one = chosen.sqrt(), torch.ones_like(chosen)
+    up_scale, down_scale = {"split": (root, root), "down": (one, chosen), "up": (chosen, one)}[singular_values]
+    up = torch.take_along_dim(u, indices[..., None, :], dim=-1) * up_scale[..., None, :]  # [..., out, R]
+    down = down_scale[..., :, None] * torch.take_along_dim(vh, indices[..., :, None], dim=-2)  # [..., R, in]
     return up, down
 
 
@@ -181,11 +190,13 @@ def factorize_group(
     selection: str,
     generators: Sequence[torch.Generator],
     method: str = "full",
+    singular_values: str = "split",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Factorize G same-shape weights ``[out, in]`` at once: ``up [G, out, R]``, ``down [G, R, in]``, ``residual [G, out, in]``.
 
     float32, on the weights' device. Weight ``g`` draws its index set from ``generators[g]`` exactly
-    as :func:`factorize` does, so the result equals factorizing each weight alone. Besides the
+    as :func:`factorize` does, so the result equals factorizing each weight alone; ``singular_values``
+    places ``s`` on the factors as in :func:`split_factors`. Besides the
     outputs, the only large temporaries are the SVD's ``U`` and ``Vh``; the residual reuses the
     float32 stack of the weights.
     """
@@ -198,20 +209,25 @@ def factorize_group(
         u, s, vh = randomized_svd(stack, rank, generators)  # the leading R triplets, approximately
     else:
         u, s, vh = svd(stack)
-    up, down = split_factors(u, s, vh, indices)  # [G, out, R], [G, R, in]
+    up, down = split_factors(u, s, vh, indices, singular_values)  # [G, out, R], [G, R, in]
     del u, s, vh
     residual = stack.baddbmm_(up, down, alpha=-1)  # W - up @ down, in place: [G, out, in]
     return up, down, residual
 
 
 def factorize(
-    weight: torch.Tensor, rank: int, selection: str, generator: torch.Generator, method: str = "full"
+    weight: torch.Tensor,
+    rank: int,
+    selection: str,
+    generator: torch.Generator,
+    method: str = "full",
+    singular_values: str = "split",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split ``weight`` ``[out, in]`` into ``(up [out, R], down [R, in], residual [out, in])``, float32.
 
-    ``residual + up @ down == weight`` up to float32 rounding, whatever ``method``.
+    ``residual + up @ down == weight`` up to float32 rounding, whatever ``method`` and ``singular_values``.
     """
-    up, down, residual = factorize_group([weight], rank, selection, [generator], method)
+    up, down, residual = factorize_group([weight], rank, selection, [generator], method, singular_values)
     return up[0], down[0], residual[0]
 
 
