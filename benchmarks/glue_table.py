@@ -56,10 +56,14 @@ from rosa.experiments.glue_data import get_task_spec
 from rosa.experiments.methods import METHODS, classifier_head, prepare_model
 from rosa.experiments.models import load_sequence_classifier
 from rosa.experiments.reporting import default_device, format_table, machine_info, write_json
+from rosa.subspace import SINGULAR_VALUE_PLACEMENTS
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("CoLA", "MRPC", "RTE", "STS-B")
 RUNS = "runs"  # OUT/runs/TASK/: finished runs of tasks not yet in glue.json; a crash loses only runs in progress
+REUSED = ("lora", "full")  # the methods --baseline takes from an earlier report instead of training
+# Settings a --resume or --baseline report must share with this run.
+SHARED_SETTINGS = ("budget_name", "budget", "model", "rank", "seed")
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ def task_settings(task: str, budget: Budget, args: argparse.Namespace, seed: int
         task=task, data_dir=str(args.data_dir), model=args.model, rank=args.rank, epochs=budget.epochs,
         batch_size=budget.batch_size, max_length=budget.max_length, rewarmup_steps=budget.rewarmup_steps, seed=seed,
         max_train_samples=budget.train_samples, max_eval_samples=budget.eval_samples,
+        singular_values=args.singular_values,
     )
 
 
@@ -137,38 +142,45 @@ def forget_runs(out: Path, task: str) -> None:
         (out / RUNS).rmdir()
 
 
-def run_grid(task: str, budget: Budget, args: argparse.Namespace) -> dict[str, Any]:
-    """Every method at every grid LR on one task (seed ``args.seed``); the chosen LR per method is
-    the best final dev score."""
+def run_grid(task: str, budget: Budget, args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
+    """Each of ``methods`` at every grid LR on one task (seed ``args.seed``); the chosen LR per method
+    is the best final dev score."""
     settings = task_settings(task, budget, args, args.seed)
     tokenizer = glue.load_tokenizer(settings.model)
     data = glue.load_data(settings, tokenizer)
     runs = {m: {f"{lr:g}": train(m, lr, settings, data, tokenizer, args) for lr in budget.lr_grid[m]}
-            for m in METHODS}
+            for m in methods}
     chosen = {m: max(r.values(), key=lambda r: r["final_score"]) for m, r in runs.items()}
     return {"data": data.sizes, "chosen": chosen, "runs": runs}
 
 
-def run_seeds(task: str, result: dict[str, Any], budget: Budget, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Final dev score per method at its chosen LR for seeds ``args.seed`` .. ``args.seed + args.seeds - 1``.
+def run_seeds(task: str, result: dict[str, Any], budget: Budget, args: argparse.Namespace,
+              methods: list[str]) -> dict[str, list[float]]:
+    """Final dev score of each of ``methods`` at its chosen LR for seeds ``args.seed`` .. ``args.seed + args.seeds - 1``.
 
     The first is the grid's run; the repeats ``result`` already has are kept, and only the missing
     ones run (each further seed also draws new train and dev subsets).
     """
-    scores = {m: seed_scores(result, m)[:args.seeds] for m in METHODS}
+    scores = {m: seed_scores(result, m)[:args.seeds] for m in methods}
     for seed in range(args.seed + len(scores["rosa"]), args.seed + args.seeds):
         settings = task_settings(task, budget, args, seed)
         tokenizer = glue.load_tokenizer(settings.model)
         data = glue.load_data(settings, tokenizer)
-        for m in METHODS:
+        for m in methods:
             scores[m].append(train(m, result["chosen"][m]["lr"], settings, data, tokenizer, args)["final_score"])
     return scores
 
 
-def run_task(task: str, done: Optional[dict[str, Any]], budget: Budget, args: argparse.Namespace) -> dict[str, Any]:
-    """The grid (unless ``done`` has it) and the seed repeats of one task that it lacks."""
-    result = done or run_grid(task, budget, args)
-    return {**result, "seeds": run_seeds(task, result, budget, args)}
+def run_task(task: str, done: Optional[dict[str, Any]], budget: Budget, args: argparse.Namespace,
+             reused: dict[str, Any]) -> dict[str, Any]:
+    """The grid (unless ``done`` has it) and the seed repeats of one task that it lacks. The methods in
+    ``reused`` (method -> its runs, chosen run and seed scores, from ``--baseline``) are not trained."""
+    methods = [m for m in METHODS if m not in reused]
+    result = done or run_grid(task, budget, args, methods)
+    seeds = run_seeds(task, result, budget, args, methods)
+    for m, parts in reused.items():
+        result["runs"][m], result["chosen"][m], seeds[m] = parts["runs"], parts["chosen"], parts["seeds"]
+    return {**result, "seeds": seeds}
 
 
 def finished(result: dict[str, Any], seeds: int) -> bool:
@@ -176,18 +188,29 @@ def finished(result: dict[str, Any], seeds: int) -> bool:
     return len(result.get("seeds", {}).get("rosa", [])) == seeds
 
 
-def run_tasks(todo: dict[str, Optional[dict[str, Any]]], budget: Budget,
-              args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any]]]:
+def run_tasks(todo: dict[str, Optional[dict[str, Any]]], budget: Budget, args: argparse.Namespace,
+              baseline: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(task, result)`` for each task of ``todo`` (task -> its grid result, if done) as it finishes,
-    ``args.workers`` tasks at a time (separate processes)."""
+    ``args.workers`` tasks at a time (separate processes); LoRA and full come from ``baseline`` if it is not empty."""
+    reused = {task: reused_methods(baseline, task, args.seeds) for task in todo}
     if args.workers == 1:
-        yield from ((task, run_task(task, done, budget, args)) for task, done in todo.items())
+        yield from ((task, run_task(task, done, budget, args, reused[task])) for task, done in todo.items())
         return
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
     with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-        futures = {pool.submit(run_task, task, done, budget, args): task for task, done in todo.items()}
+        futures = {pool.submit(run_task, task, done, budget, args, reused[task]): task for task, done in todo.items()}
         for future in as_completed(futures):
             yield futures[future], future.result()
+
+
+def reused_methods(baseline: dict[str, Any], task: str, seeds: int) -> dict[str, Any]:
+    """LoRA's and full fine-tuning's runs, chosen run and first ``seeds`` seed scores of ``task`` in a
+    ``--baseline`` report (``{}`` without one)."""
+    if not baseline:
+        return {}
+    result = baseline["tasks"][task]
+    return {m: {"runs": result["runs"][m], "chosen": result["chosen"][m], "seeds": seed_scores(result, m)[:seeds]}
+            for m in REUSED}
 
 
 def step_time_ab(budget: Budget, steps: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -197,7 +220,8 @@ def step_time_ab(budget: Budget, steps: int, args: argparse.Namespace) -> dict[s
     runs = {}
     for method in ("rosa", "lora"):
         model = load_sequence_classifier(args.model, 2)
-        model = prepare_model(model, method, args.rank, seed=args.seed, modules_to_save=classifier_head(model))
+        model = prepare_model(model, method, args.rank, seed=args.seed, modules_to_save=classifier_head(model),
+                              singular_values=args.singular_values)
         model = model.to(default_device()).train()
         runs[method] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5))
     shape = (budget.batch_size, TIMING_TOKENS)
@@ -339,6 +363,7 @@ def markdown(report: dict[str, Any]) -> str:
         if any(tasks[t]["data"]["subsampled"] for t in names) else "No subsampling: full train and dev sets.",
         f"{report.get('workers', 1)} task(s) trained at a time, each in its own process, on the machine's "
         f"{machine['cpu_count']} cores, so train times are comparable within a task, roughly across tasks.",
+        *run_variant_notes(report),
         "",
         "Chosen learning rates, and the seed-0 scores that chose them:",
         "",
@@ -363,6 +388,21 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Targets: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
                                               for k, v in report["targets"].items())]
     return "\n".join(lines) + "\n"
+
+
+def run_variant_notes(report: dict[str, Any]) -> list[str]:
+    """Sentences for a ROSA ablation (``--singular-values``) and for LoRA and full runs reused from ``--baseline``."""
+    notes = []
+    placement = report.get("rosa_singular_values", "split")
+    if placement != "split":
+        notes.append(f"**ROSA ablation**: `RosaConfig.singular_values = '{placement}'`, all of the chosen singular "
+                     f"values on the `{placement}` factor (the library's default, `split`, puts sqrt(s) on each).")
+    if report.get("baseline"):
+        notes.append(f"**LoRA and full fine-tuning were not trained in this run**: their runs, chosen learning rates "
+                     f"and seed scores are reused from `{report['baseline']}` (run {report['baseline_date']}). A "
+                     "seed fixes every method's subsets, head init and data order, so the pairs stay valid; the total "
+                     "wall time is ROSA's alone.")
+    return notes
 
 
 def seed_range(first: int, count: int) -> str:
@@ -408,10 +448,24 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="keep the finished tasks of OUT/glue.json (same budget, model, rank and seed) "
                              "and the finished runs saved in OUT/runs of the tasks that were still running")
+    parser.add_argument("--singular-values", choices=SINGULAR_VALUE_PLACEMENTS, default="split",
+                        help="which ROSA factor carries the singular values (RosaConfig.singular_values), "
+                             "for ablations (default: %(default)s)")
+    parser.add_argument("--baseline", type=Path,
+                        help="reuse LoRA's and full fine-tuning's runs from BASELINE/glue.json (same budget, "
+                             "model, rank and seed, at least --seeds seeds) and train only ROSA, e.g. to "
+                             "compare a ROSA ablation with the same LoRA and full runs")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: rewrite OUT/glue.md (and the derived fields of OUT/glue.json) "
                              "from OUT/glue.json")
     return parser.parse_args(argv)
+
+
+def settings_of(report: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``keys`` of a report as JSON would give them back; a report older than a key gets its default
+    (reports from before ``--singular-values`` and ``--baseline`` used the split and trained every method)."""
+    defaults = {"rosa_singular_values": "split", "baseline": None}
+    return json.loads(json.dumps({k: report.get(k, defaults.get(k)) for k in keys}))
 
 
 def previous_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -420,12 +474,34 @@ def previous_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     previous = json.loads(path.read_text())
-    keys = ("budget_name", "budget", "model", "rank", "seed")
-    mine = json.loads(json.dumps({k: report[k] for k in keys}))
-    theirs = {k: previous.get(k) for k in keys}
+    keys = (*SHARED_SETTINGS, "rosa_singular_values", "baseline")
+    mine, theirs = settings_of(report, keys), settings_of(previous, keys)
     if mine != theirs:
         raise ValueError(f"--resume: {path} was run with {theirs}, this run is {mine}; drop --resume or change --out")
     return previous
+
+
+def load_baseline(directory: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """``directory/glue.json``, whose LoRA and full runs this run reuses; ``ValueError`` unless it has
+    this run's settings, every task of it and at least as many seeds."""
+    path = directory / "glue.json"
+    if not path.is_file():
+        raise ValueError(f"--baseline: {path} does not exist; pass the --out folder of a finished glue_table run")
+    baseline = json.loads(path.read_text())
+    mine, theirs = settings_of(report, SHARED_SETTINGS), settings_of(baseline, SHARED_SETTINGS)
+    if mine != theirs:
+        raise ValueError(f"--baseline: {path} was run with {theirs}, this run is {mine}; pass the same --budget, "
+                         "--model, --rank and --seed, or another baseline")
+    tasks = baseline.get("tasks", {})
+    missing = [t for t in report["task_list"] if t not in tasks]
+    if missing:
+        raise ValueError(f"--baseline: {path} has no results for {', '.join(missing)}; leave them out of --tasks")
+    short = {t: len(seed_scores(tasks[t], m)) for t in report["task_list"] for m in REUSED
+             if len(seed_scores(tasks[t], m)) < report["seeds"]}
+    if short:
+        raise ValueError(f"--baseline: {path} has fewer than --seeds {report['seeds']} seeds: "
+                         + ", ".join(f"{t} {n}" for t, n in short.items()) + "; lower --seeds")
+    return baseline
 
 
 def rewrite_report(out: Path) -> dict[str, Any]:
@@ -453,19 +529,23 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "benchmark": "glue", "budget_name": name, "budget": asdict(BUDGETS[name]), "model": args.model,
         "rank": args.rank, "seed": args.seed, "task_list": task_list, "data_dir": str(args.data_dir),
-        "workers": args.workers, "seeds": args.seeds,
+        "workers": args.workers, "seeds": args.seeds, "rosa_singular_values": args.singular_values,
+        "baseline": None if args.baseline is None else str(args.baseline),
         "machine": machine_info(), "tasks": {}, "complete": False, "total_seconds": 0.0,
     }
     try:
         previous = previous_report(report, args.out) if args.resume else {}
+        baseline = load_baseline(args.baseline, report) if args.baseline else {}
     except ValueError as err:
         raise SystemExit(f"glue_table: {err}") from None
+    if baseline:
+        report["baseline_date"] = baseline["machine"]["date"]
     # Every earlier task result stays in each write until its rerun replaces it: a crash while seed
     # repeats are added must not lose a grid from glue.json.
     report["tasks"] = {t: r for t, r in previous.get("tasks", {}).items() if t in task_list}
     start = time.perf_counter() - previous.get("total_seconds", 0.0)
     todo = {t: report["tasks"].get(t) for t in task_list if not finished(report["tasks"].get(t, {}), args.seeds)}
-    for task, result in run_tasks(todo, BUDGETS[name], args):
+    for task, result in run_tasks(todo, BUDGETS[name], args, baseline):
         report["tasks"][task] = result
         report["tasks"] = {t: report["tasks"][t] for t in task_list if t in report["tasks"]}  # task order
         report["total_seconds"] = time.perf_counter() - start

@@ -96,12 +96,12 @@ def test_seed_repeats_run_only_the_seeds_a_task_lacks(monkeypatch):
     chosen = {m: {"lr": 1e-3, "final_score": 0.0} for m in bench.METHODS}
     result = {"chosen": chosen, "seeds": {m: [0.0, 0.1] for m in bench.METHODS}}
     args = bench.parse_args(["--tiny", "--seeds", "3"])
-    scores = bench.run_seeds("RTE", result, bench.BUDGETS["tiny"], args)
+    scores = bench.run_seeds("RTE", result, bench.BUDGETS["tiny"], args, bench.METHODS)
     assert calls == [(m, 1e-3, 2) for m in bench.METHODS]  # seeds 0 and 1 are kept, only seed 2 runs
     assert scores == {m: [0.0, 0.1, 0.2] for m in bench.METHODS}
     calls.clear()
     args = bench.parse_args(["--tiny", "--seeds", "1"])
-    assert bench.run_seeds("RTE", result, bench.BUDGETS["tiny"], args) == {m: [0.0] for m in bench.METHODS}
+    assert bench.run_seeds("RTE", result, bench.BUDGETS["tiny"], args, bench.METHODS) == {m: [0.0] for m in bench.METHODS}
     assert calls == []
 
 
@@ -124,7 +124,7 @@ def test_a_crash_while_adding_seeds_keeps_every_grid_in_glue_json(tmp_path, monk
     (tmp_path / "glue.json").write_text(json.dumps(report))
     monkeypatch.setattr(bench, "markdown", lambda report: "")
 
-    def first_task_then_crash(todo, budget, args):
+    def first_task_then_crash(todo, budget, args, baseline):
         assert list(todo) == ["RTE", "STS-B"]
         yield "RTE", task([0.5, 0.6])
         raise KeyboardInterrupt  # the run dies before STS-B's new seed is done
@@ -136,7 +136,7 @@ def test_a_crash_while_adding_seeds_keeps_every_grid_in_glue_json(tmp_path, monk
     assert saved["tasks"] == {"RTE": task([0.5, 0.6]), "STS-B": task([0.8])} and not saved["complete"]
 
     todos = []
-    monkeypatch.setattr(bench, "run_tasks", lambda todo, budget, args: todos.append(todo) or iter(()))
+    monkeypatch.setattr(bench, "run_tasks", lambda todo, budget, args, baseline: todos.append(todo) or iter(()))
     monkeypatch.setattr(bench, "step_time_ab", lambda *a: {})
     monkeypatch.setattr(bench, "target_checks", lambda *a: {})
     bench.main(["--tiny", "--tasks", "rte", "sts-b", "--resume", "--seeds", "2", "--out", str(tmp_path)])
@@ -191,23 +191,33 @@ def test_report_only_rewrites_the_tables_from_glue_json_without_training(tmp_pat
     assert json.loads((tmp_path / "glue.json").read_text())["targets"] == report["targets"]
 
 
-def test_a_crash_mid_task_loses_only_the_run_in_progress(tmp_path, monkeypatch):
-    bench = load_benchmark("glue_table")
+def fake_training(bench, monkeypatch, crash_after: list) -> list[tuple]:
+    """Replace the model and data with stand-ins: a run's score is a known function of its method, LR, seed and
+    singular-value placement; the run after ``crash_after[0]`` finished ones raises ``KeyboardInterrupt``. Returns
+    the list that collects each finished run's (method, lr, seed)."""
     monkeypatch.setattr(bench.glue, "load_tokenizer", lambda model: None)
     monkeypatch.setattr(bench.glue, "load_data", lambda settings, tokenizer: type("Data", (), {"sizes": {}})())
     monkeypatch.setattr(bench, "step_time_ab", lambda *a: {})
-    monkeypatch.setattr(bench, "markdown", lambda report: "")
-    trained, crash_after = [], [4]
+    trained = []
 
     def train_method(method, lr, settings, data, tokenizer):
         if len(trained) == crash_after[0]:
             raise KeyboardInterrupt
         trained.append((method, lr, settings.seed))
         score = {"rosa": 0.6, "lora": 0.5, "full": 0.4}[method] + lr + settings.seed / 100
+        score += 0.1 * (method == "rosa" and settings.singular_values == "down")
         return bench.glue.MethodRun({"final_score": score, "lr": lr, "wall_seconds": 1.0,
-                                     "step_seconds_median": 0.1}, None)
+                                     "step_seconds_median": 0.1, "trainable_params": 1}, None)
 
     monkeypatch.setattr(bench.glue, "train_method", train_method)
+    return trained
+
+
+def test_a_crash_mid_task_loses_only_the_run_in_progress(tmp_path, monkeypatch):
+    bench = load_benchmark("glue_table")
+    monkeypatch.setattr(bench, "markdown", lambda report: "")
+    crash_after = [4]
+    trained = fake_training(bench, monkeypatch, crash_after)
     argv = ["--tiny", "--tasks", "rte", "--seeds", "2", "--out", str(tmp_path)]
     with pytest.raises(KeyboardInterrupt):  # the fifth run of RTE's grid dies
         bench.main(argv)
@@ -234,3 +244,58 @@ def test_a_crash_mid_task_loses_only_the_run_in_progress(tmp_path, monkeypatch):
     crash_after[0] = None
     bench.main(argv)  # without --resume nothing saved is reused: a fresh run trains everything
     assert trained == [*grid, *seed1]
+
+
+def test_baseline_reuses_lora_and_full_and_trains_only_rosa(tmp_path, monkeypatch):
+    bench = load_benchmark("glue_table")
+    trained = fake_training(bench, monkeypatch, [None])
+    monkeypatch.setattr(bench, "target_checks", lambda *a: {})
+    data = {"subsampled": False, "train_samples": 8, "train_total": 8, "eval_samples": 4, "eval_total": 4}
+    monkeypatch.setattr(bench.glue, "load_data", lambda settings, tokenizer: type("Data", (), {"sizes": data})())
+    base = bench.main(["--tiny", "--tasks", "rte", "mrpc", "--seeds", "2", "--out", str(tmp_path / "base")])
+    trained.clear()
+    argv = ["--tiny", "--tasks", "rte", "mrpc", "--seeds", "2", "--singular-values", "down",
+            "--baseline", str(tmp_path / "base"), "--out", str(tmp_path / "ablation")]
+    ablation = bench.main(argv)
+    rosa_grid = [("rosa", lr, 0) for lr in bench.BUDGETS["tiny"].lr_grid["rosa"]]
+    rosa_seed1 = [("rosa", bench.BUDGETS["tiny"].lr_grid["rosa"][-1], 1)]
+    assert trained == 2 * [*rosa_grid, *rosa_seed1]  # two tasks, ROSA alone
+    for task, result in ablation["tasks"].items():
+        for m in ("lora", "full"):
+            assert result["runs"][m] == base["tasks"][task]["runs"][m]
+            assert result["chosen"][m] == base["tasks"][task]["chosen"][m]
+            assert result["seeds"][m] == base["tasks"][task]["seeds"][m]
+        assert result["seeds"]["rosa"] == pytest.approx([x + 0.1 for x in base["tasks"][task]["seeds"]["rosa"]])
+    paired = ablation["paired"]["rosa_minus_lora"]["average"]
+    assert paired["mean"] == pytest.approx(100 * (0.7 + 0.0015 - 0.5 - 0.0015))  # both chose the larger LR
+    md = (tmp_path / "ablation" / "glue.md").read_text()
+    assert "**ROSA ablation**: `RosaConfig.singular_values = 'down'`" in md
+    assert f"reused from `{tmp_path / 'base'}` (run {base['machine']['date']})" in md
+    assert "ROSA ablation" not in (tmp_path / "base" / "glue.md").read_text()
+
+    trained.clear()
+    split = [arg for arg in argv if arg not in ("--singular-values", "down")]  # same run, but the default split
+    with pytest.raises(SystemExit, match="--resume: .* was run with .*'rosa_singular_values': 'down'"):
+        bench.main([*split, "--resume"])
+    assert trained == []
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--baseline", "{tmp}/nowhere"], r"nowhere/glue.json does not exist; pass the --out folder"),
+    (["--rank", "4"], r"was run with .*'rank': 8.*this run is .*'rank': 4.*pass the same --budget"),
+    (["--tasks", "rte", "cola"], r"has no results for CoLA; leave them out of --tasks"),
+    (["--seeds", "3"], r"fewer than --seeds 3 seeds: RTE 2; lower --seeds"),
+])
+def test_a_baseline_that_does_not_fit_is_refused_before_training(tmp_path, monkeypatch, change, message):
+    bench = load_benchmark("glue_table")
+    task = {"data": {}, "runs": {}, "chosen": {}, "seeds": {m: [0.5, 0.6] for m in bench.METHODS}}
+    report = {"benchmark": "glue", "budget_name": "tiny", "budget": bench.asdict(bench.BUDGETS["tiny"]),
+              "model": "minilm", "rank": 8, "seed": 0, "tasks": {"RTE": task}, "machine": {"date": "then"}}
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "glue.json").write_text(json.dumps(report))
+    monkeypatch.setattr(bench, "run_tasks", lambda *a: pytest.fail("nothing may train"))
+    argv = ["--tiny", "--tasks", "rte", "--seeds", "2", "--baseline", str(tmp_path / "base"), "--out", str(tmp_path / "out")]
+    argv += [arg.format(tmp=tmp_path) for arg in change]
+    with pytest.raises(SystemExit, match=f"glue_table: --baseline: .*{message}"):
+        bench.main(argv)
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["ROSA_NO_PROGRESS"] = "1"
 
+import argparse
 import json
 import subprocess
 import sys
@@ -114,6 +115,17 @@ def test_missing_data_dir_says_how_to_pass_it():
 def test_bad_option_is_named():
     with pytest.raises(SystemExit, match="--epochs must be >= 1, got 0"):
         run_cli("--task", "RTE", "--data-dir", "unused", "--epochs", "0")
+
+
+def test_singular_value_placement_reaches_the_settings_and_the_resume_check():
+    parser = argparse.ArgumentParser()
+    glue.add_arguments(parser)
+    args = parser.parse_args(["--task", "rte", "--data-dir", "unused", "--singular-values", "down"])
+    settings = glue.settings_from_args(args)
+    assert settings.singular_values == "down"
+    assert glue.resume_settings(settings, 1e-3)["singular_values"] == "down"  # a split checkpoint is not resumed
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--task", "rte", "--singular-values", "sqrt"])
 
 
 def test_malformed_tsv_names_file_and_line(tmp_path):

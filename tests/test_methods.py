@@ -80,6 +80,14 @@ def test_rosa_and_lora_adapt_the_same_layers_with_equal_budgets(make):
     assert trained and all(p.requires_grad for n, p in rosa_model.named_parameters() if n.startswith(heads))
 
 
+def test_rosa_singular_value_placement_reaches_every_layer():
+    model = prepare_model(tiny_bert(), "rosa", RANK, singular_values="down")
+    layers = rosa.rosa_layers(model).values()
+    assert layers and all(layer.singular_values == "down" for layer in layers)
+    for layer in layers:  # up holds orthonormal singular vectors: all of s is on down
+        assert torch.allclose(layer.up.T @ layer.up, torch.eye(RANK), atol=1e-5)
+
+
 def test_full_trains_everything():
     model = tiny_bert()
     model.requires_grad_(False)

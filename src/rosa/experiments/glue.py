@@ -26,6 +26,7 @@ from torch import nn
 
 import rosa
 from rosa.checkpoint import CheckpointError, checkpoint_extra, is_checkpoint
+from rosa.subspace import SINGULAR_VALUE_PLACEMENTS
 
 from .glue_data import GlueSplit, TaskSpec, compute_glue_metrics, get_task_spec, load_glue_hub, main_score, read_glue_split
 from .methods import METHODS, classifier_head, count_trainable, finalize_model, prepare_model
@@ -47,7 +48,7 @@ DEFAULT_LR = {"rosa": 1e-3, "lora": 1e-3, "full": 5e-5}
 CHECKPOINTS = "checkpoints"  # OUT/checkpoints/METHOD
 # GlueSettings fields a checkpoint must share with the run resuming it (the method's lr is added).
 RESUME_SETTINGS = ("task", "model", "rank", "seed", "epochs", "batch_size", "max_length", "resample_every",
-                   "rewarmup_steps", "selection", "max_train_samples", "max_eval_samples")
+                   "rewarmup_steps", "selection", "singular_values", "max_train_samples", "max_eval_samples")
 NO_DATA = ("no GLUE data given: pass --data-dir path/to/glue_data (the download_glue_data.py layout, "
            "e.g. ../shared/data/glue), or --hub to download the nyu-mll/glue dataset")
 
@@ -70,6 +71,7 @@ class GlueSettings:
     rewarmup_steps: int = 0  # after each ROSA resample, the LR ramps back up over this many steps
     seed: int = 0
     selection: str = "random"
+    singular_values: str = "split"  # ROSA's: which factor carries the singular values (RosaConfig.singular_values)
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
 
@@ -256,7 +258,7 @@ def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokeni
     since_reset = reset_peak_memory()
     model = load_sequence_classifier(s.model, spec.num_labels)
     model = prepare_model(model, method, s.rank, selection=s.selection, seed=s.seed,
-                          modules_to_save=classifier_head(model)).to(default_device())
+                          modules_to_save=classifier_head(model), singular_values=s.singular_values).to(default_device())
     trainable = count_trainable(model)
     generator = torch.Generator().manual_seed(s.seed)
     train_loader = batches(data.train, tokenizer, s.batch_size, spec.is_regression, generator)
@@ -402,6 +404,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--selection", choices=("random", "top", "bottom"), default=d.selection,
                         help="which singular vectors ROSA trains (default: %(default)s)")
+    parser.add_argument("--singular-values", choices=SINGULAR_VALUE_PLACEMENTS, default=d.singular_values,
+                        help="which ROSA factor carries the singular values: split (sqrt on each), down or up; "
+                             "see RosaConfig.singular_values (default: %(default)s)")
     parser.add_argument("--max-train-samples", type=int, help="train on a seeded random subset of this size")
     parser.add_argument("--max-eval-samples", type=int, help="evaluate on a seeded random subset of this size")
     parser.add_argument("--out", help="output folder (default: runs/glue/TASK)")
@@ -430,7 +435,8 @@ def settings_from_args(args: argparse.Namespace) -> GlueSettings:
         task=spec.name, data_dir=args.data_dir, hub=args.hub, model=args.model, methods=list(dict.fromkeys(args.methods)),
         rank=args.rank, lr=lr, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
         resample_every=args.resample_every, rewarmup_steps=args.rewarmup_steps, seed=args.seed, selection=args.selection,
-        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+        singular_values=args.singular_values, max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
     )
 
 

@@ -54,12 +54,14 @@ def prepare_model(
     modules_to_save: Optional[Sequence[str]] = None,
     dropout: float = 0.0,
     lora_alpha: Optional[float] = None,
+    singular_values: str = "split",
 ) -> nn.Module:
     """Make ``model`` ready to train with ``method``; returns the model to train.
 
     ``rosa``: ``rosa.wrap`` in place. ``lora``: a PEFT ``PeftModel`` on ROSA's targets, same rank,
     ``lora_alpha`` = rank unless given. ``full``: every parameter trainable. ``modules_to_save``
-    (e.g. :func:`classifier_head`) are trained fully by ``rosa`` and ``lora``.
+    (e.g. :func:`classifier_head`) are trained fully by ``rosa`` and ``lora``. ``selection`` and
+    ``singular_values`` are ROSA's (see :class:`rosa.RosaConfig`).
     """
     check_method(method)
     saved = list(modules_to_save) if modules_to_save else None
@@ -69,7 +71,7 @@ def prepare_model(
     if method == "rosa":
         config = rosa.RosaConfig(
             rank=rank, target_modules=target_modules, selection=selection, seed=seed,
-            dropout=dropout, modules_to_save=saved,
+            dropout=dropout, modules_to_save=saved, singular_values=singular_values,
         )
         return rosa.wrap(model, config)
     return _lora(model, rank, target_modules, saved, dropout, lora_alpha)
