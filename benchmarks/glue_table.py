@@ -31,6 +31,12 @@ taken to 5 seeds that way one seed at a time, then to 7 with seeds 5 and 6 toget
         --out benchmarks/results/glue-long                          # 3 seeds, ~4 h on 2 cores
     python benchmarks/glue_table.py --tiny --out /tmp/glue-smoke
     python benchmarks/glue_table.py --report-only --out benchmarks/results/glue-long   # table from glue.json
+    OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --singular-values down \
+        --baseline benchmarks/results --out benchmarks/results/glue-ablation-sv-down  # ROSA ablation, ~25 min
+
+``--baseline DIR`` trains only ROSA and takes LoRA's and full fine-tuning's runs from ``DIR/glue.json``
+(same budget, model, rank and first seed): a ROSA variant is then paired with the very runs the
+default was paired with, at a third of the cost.
 """
 
 from __future__ import annotations
@@ -274,18 +280,26 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, Any]:
     return {"mean": mean, "ci95": [mean - half, mean + half], "seeds": len(diffs)}
 
 
-def paired_comparisons(tasks: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def paired_comparisons(tasks: dict[str, Any], baseline_rosa: Optional[dict[str, list[float]]] = None,
+                       ) -> dict[str, dict[str, Any]]:
     """ROSA minus LoRA and ROSA minus full, per task and on the task average, paired by seed (a seed
-    fixes the data subset, head init and data order for every method, so its differences pair up)."""
-    seeds = min(len(seed_scores(r, "rosa")) for r in tasks.values())
-    per_seed_average = {m: [statistics.fmean(seed_scores(r, m)[i] for r in tasks.values()) for i in range(seeds)]
-                        for m in METHODS}
+    fixes the data subset, head init and data order for every method, so its differences pair up).
+    With ``baseline_rosa`` (task -> the ``--baseline`` report's ROSA seed scores) also ROSA minus that
+    ROSA: the effect of the ablated setting."""
+    scores = {t: {m: seed_scores(r, m) for m in METHODS} for t, r in tasks.items()}  # task -> method -> [seeds]
+    for t, s in scores.items():
+        if baseline_rosa:
+            s["baseline_rosa"] = baseline_rosa[t][:len(s["rosa"])]
+    others = [m for m in next(iter(scores.values())) if m != "rosa"]
+    seeds = min(len(s["rosa"]) for s in scores.values())
+    per_seed_average = {m: [statistics.fmean(s[m][i] for s in scores.values()) for i in range(seeds)]
+                        for m in ("rosa", *others)}
     return {
         f"rosa_minus_{other}": {
-            **{t: paired_difference(seed_scores(r, "rosa"), seed_scores(r, other)) for t, r in tasks.items()},
+            **{t: paired_difference(s["rosa"], s[other]) for t, s in scores.items()},
             "average": paired_difference(per_seed_average["rosa"], per_seed_average[other]),
         }
-        for other in ("lora", "full")
+        for other in others
     }
 
 
@@ -372,7 +386,8 @@ def markdown(report: dict[str, Any]) -> str:
         format_table(seed0_rows, ["method", *names], ".1f"),
     ]
     if report.get("paired"):
-        paired_rows = [{"difference": name.replace("_minus_", " - "), **{t: interval(d) for t, d in diffs.items()}}
+        paired_rows = [{"difference": name.replace("_minus_", " - ").replace("_", " "),
+                        **{t: interval(d) for t, d in diffs.items()}}
                        for name, diffs in report["paired"].items()]
         lines += ["", "Paired by seed (x100): the mean over seeds of the per-seed difference, with its 95% "
                       "Student-t interval; an interval that contains 0 means the seeds cannot tell the two "
@@ -401,7 +416,7 @@ def run_variant_notes(report: dict[str, Any]) -> list[str]:
         notes.append(f"**LoRA and full fine-tuning were not trained in this run**: their runs, chosen learning rates "
                      f"and seed scores are reused from `{report['baseline']}` (run {report['baseline_date']}). A "
                      "seed fixes every method's subsets, head init and data order, so the pairs stay valid; the total "
-                     "wall time is ROSA's alone.")
+                     "wall time is ROSA's alone. `baseline rosa` in the paired table is that report's ROSA.")
     return notes
 
 
@@ -421,7 +436,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     """Write ``glue.json`` and ``glue.md`` for the tasks finished so far."""
     tasks = report["tasks"]
     report["average"] = averages(tasks) if tasks else {}
-    report["paired"] = paired_comparisons(tasks) if tasks else {}
+    report["paired"] = paired_comparisons(tasks, report.get("baseline_rosa_seeds")) if tasks else {}
     report["targets"] = target_checks(tasks, report["step_time"]) if report.get("step_time") else {}
     write_json(out / "glue.json", report)
     (out / "glue.md").write_text(markdown(report))
@@ -496,7 +511,7 @@ def load_baseline(directory: Path, report: dict[str, Any]) -> dict[str, Any]:
     missing = [t for t in report["task_list"] if t not in tasks]
     if missing:
         raise ValueError(f"--baseline: {path} has no results for {', '.join(missing)}; leave them out of --tasks")
-    short = {t: len(seed_scores(tasks[t], m)) for t in report["task_list"] for m in REUSED
+    short = {t: len(seed_scores(tasks[t], m)) for t in report["task_list"] for m in METHODS
              if len(seed_scores(tasks[t], m)) < report["seeds"]}
     if short:
         raise ValueError(f"--baseline: {path} has fewer than --seeds {report['seeds']} seeds: "
@@ -540,6 +555,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         raise SystemExit(f"glue_table: {err}") from None
     if baseline:
         report["baseline_date"] = baseline["machine"]["date"]
+        report["baseline_rosa_seeds"] = {t: seed_scores(baseline["tasks"][t], "rosa")[:args.seeds] for t in task_list}
     # Every earlier task result stays in each write until its rerun replaces it: a crash while seed
     # repeats are added must not lose a grid from glue.json.
     report["tasks"] = {t: r for t, r in previous.get("tasks", {}).items() if t in task_list}
