@@ -4,8 +4,8 @@ A checkpoint is a directory holding:
 
 * ``rosa.json``: format version, the ``RosaConfig``, each ROSA layer's metadata (name, type, rank,
   selection, seed, singular-value placement, resample count: the resample count fixes the layer's
-  next subspace draw), the
-  model class (and Hugging Face config), the index of the model state and a SHA-256 per file.
+  next subspace draw), the model class (and Hugging Face config), the index of the model state and
+  a SHA-256 per file.
 * ``model.safetensors``: every parameter and persistent buffer (``W_res`` base weights, factors,
   heads ...). Tied weights are stored once; ``rosa.json`` records the other names.
 * ``training_state.json`` + ``training_state.safetensors``: optimizer, LR scheduler and
