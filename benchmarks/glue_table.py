@@ -31,8 +31,8 @@ taken to 5 seeds that way one seed at a time, then to 7 with seeds 5 and 6 toget
         --out benchmarks/results/glue-long                          # 3 seeds, ~4 h on 2 cores
     python benchmarks/glue_table.py --tiny --out /tmp/glue-smoke
     python benchmarks/glue_table.py --report-only --out benchmarks/results/glue-long   # table from glue.json
-    OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --singular-values down \
-        --baseline benchmarks/results --out benchmarks/results/glue-ablation-sv-down  # ROSA ablation, ~25 min
+    OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 7 --singular-values down \
+        --baseline benchmarks/results --out benchmarks/results/glue-ablation-sv-down  # ROSA ablation, ~40 min
 
 ``--baseline DIR`` trains only ROSA and takes LoRA's and full fine-tuning's runs from ``DIR/glue.json``
 (same budget, model, rank and first seed): a ROSA variant is then paired with the very runs the
