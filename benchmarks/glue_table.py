@@ -287,8 +287,8 @@ def paired_comparisons(tasks: dict[str, Any], baseline_rosa: Optional[dict[str, 
     With ``baseline_rosa`` (task -> the ``--baseline`` report's ROSA seed scores) also ROSA minus that
     ROSA: the effect of the ablated setting."""
     scores = {t: {m: seed_scores(r, m) for m in METHODS} for t, r in tasks.items()}  # task -> method -> [seeds]
-    for t, s in scores.items():
-        if baseline_rosa:
+    if baseline_rosa:
+        for t, s in scores.items():
             s["baseline_rosa"] = baseline_rosa[t][:len(s["rosa"])]
     others = [m for m in next(iter(scores.values())) if m != "rosa"]
     seeds = min(len(s["rosa"]) for s in scores.values())
@@ -511,8 +511,8 @@ def load_baseline(directory: Path, report: dict[str, Any]) -> dict[str, Any]:
     missing = [t for t in report["task_list"] if t not in tasks]
     if missing:
         raise ValueError(f"--baseline: {path} has no results for {', '.join(missing)}; leave them out of --tasks")
-    short = {t: len(seed_scores(tasks[t], m)) for t in report["task_list"] for m in METHODS
-             if len(seed_scores(tasks[t], m)) < report["seeds"]}
+    fewest = {t: min(len(seed_scores(tasks[t], m)) for m in METHODS) for t in report["task_list"]}
+    short = {t: n for t, n in fewest.items() if n < report["seeds"]}
     if short:
         raise ValueError(f"--baseline: {path} has fewer than --seeds {report['seeds']} seeds: "
                          + ", ".join(f"{t} {n}" for t, n in short.items()) + "; lower --seeds")

@@ -270,8 +270,8 @@ def test_baseline_reuses_lora_and_full_and_trains_only_rosa(tmp_path, monkeypatc
     assert paired["mean"] == pytest.approx(100 * (0.7 + 0.0015 - 0.5 - 0.0015))  # both chose the larger LR
     effect = ablation["paired"]["rosa_minus_baseline_rosa"]
     assert [effect[t]["mean"] for t in ("RTE", "MRPC", "average")] == pytest.approx([10.0, 10.0, 10.0])
-    assert "| rosa - baseline rosa | +10.0 [+10.0, +10.0] |" in (tmp_path / "ablation" / "glue.md").read_text()
     md = (tmp_path / "ablation" / "glue.md").read_text()
+    assert "| rosa - baseline rosa | +10.0 [+10.0, +10.0] |" in md
     assert "**ROSA ablation**: `RosaConfig.singular_values = 'down'`" in md
     assert f"reused from `{tmp_path / 'base'}` (run {base['machine']['date']})" in md
     assert "ROSA ablation" not in (tmp_path / "base" / "glue.md").read_text()
