@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import rosa
+from rosa.config import SELECTIONS
 from rosa.subspace import SVD_METHODS
 
 from .methods import METHODS, classifier_head, prepare_model
@@ -533,7 +534,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="default: 8 for classifiers, 4 for causal LMs")
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--rank", type=int)
-    parser.add_argument("--selection", choices=("random", "top", "bottom"))
+    parser.add_argument("--selection", choices=SELECTIONS)
     parser.add_argument("--svd", choices=SVD_METHODS, help=(
         "ROSA's SVD: 'full' (exact, default) or 'randomized' (leading triplets by a randomized range finder: faster "
         "on large layers, approximate; only selection 'top' uses it, 'random'/'bottom' need the exact SVD)"))

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import rosa
+from rosa.config import SELECTIONS
 
 from .e2e_data import E2EExample, MRGroup, format_prompt, group_by_mr, read_e2e_csv, split_by_mr
 from .methods import METHODS, count_trainable, finalize_model, prepare_model
@@ -582,7 +583,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="optimizer steps between ROSA resamples (default: once per epoch)")
     add_rewarmup_option(parser)
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--selection", choices=("random", "top", "bottom"), default=d.selection,
+    parser.add_argument("--selection", choices=SELECTIONS, default=d.selection,
                         help="which singular vectors ROSA trains (default: %(default)s)")
     parser.add_argument("--max-train-examples", type=int,
                         help="train on a seeded random subset of this many (mr, ref) pairs")

@@ -26,6 +26,7 @@ from torch import nn
 
 import rosa
 from rosa.checkpoint import CheckpointError, checkpoint_extra, is_checkpoint
+from rosa.config import SELECTIONS
 from rosa.subspace import SINGULAR_VALUE_PLACEMENTS
 
 from .glue_data import GlueSplit, TaskSpec, compute_glue_metrics, get_task_spec, load_glue_hub, main_score, read_glue_split
@@ -402,7 +403,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resample-every", type=int, help="optimizer steps between ROSA resamples (default: once per epoch)")
     add_rewarmup_option(parser)
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--selection", choices=("random", "top", "bottom"), default=d.selection,
+    parser.add_argument("--selection", choices=SELECTIONS, default=d.selection,
                         help="which singular vectors ROSA trains (default: %(default)s)")
     parser.add_argument("--singular-values", choices=SINGULAR_VALUE_PLACEMENTS, default=d.singular_values,
                         help="which ROSA factor carries the singular values: split (sqrt on each), down or up; "
