@@ -52,7 +52,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from scipy import stats
@@ -141,6 +141,28 @@ def read_saved_run(path: Path) -> dict[str, Any]:
         return {}
 
 
+def record_tasks(results: Iterator[tuple[str, dict[str, Any]]], report: dict[str, Any], start: float, out: Path,
+                 write: Callable[[dict[str, Any], Path], None]) -> None:
+    """Put each ``(task, result)`` into ``report["tasks"]`` (in ``report["task_list"]`` order) as it finishes,
+    ``write`` the report, then forget the task's saved runs."""
+    for task, result in results:
+        report["tasks"][task] = result
+        report["tasks"] = {t: report["tasks"][t] for t in report["task_list"] if t in report["tasks"]}
+        report["total_seconds"] = time.perf_counter() - start
+        write(report, out)
+        forget_runs(out, task)
+
+
+def finish(report: dict[str, Any], start: float, out: Path, write: Callable[[dict[str, Any], Path], None],
+           render: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Mark ``report`` complete, ``write`` it and print it as ``render`` makes it markdown; returns it."""
+    report["complete"] = True
+    report["total_seconds"] = time.perf_counter() - start
+    write(report, out)
+    print(render(report))
+    return report
+
+
 def forget_runs(out: Path, task: str) -> None:
     """Delete a task's saved runs once ``glue.json`` holds the task (and ``OUT/runs`` once it is empty)."""
     shutil.rmtree(out / RUNS / task, ignore_errors=True)
@@ -198,13 +220,19 @@ def run_tasks(todo: dict[str, Optional[dict[str, Any]]], budget: Budget, args: a
               baseline: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(task, result)`` for each task of ``todo`` (task -> its grid result, if done) as it finishes,
     ``args.workers`` tasks at a time (separate processes); LoRA and full come from ``baseline`` if it is not empty."""
-    reused = {task: reused_methods(baseline, task, args.seeds) for task in todo}
-    if args.workers == 1:
-        yield from ((task, run_task(task, done, budget, args, reused[task])) for task, done in todo.items())
+    jobs = {task: (task, done, budget, args, reused_methods(baseline, task, args.seeds)) for task, done in todo.items()}
+    yield from in_workers(run_task, jobs, args.workers)
+
+
+def in_workers(function: Callable[..., Any], jobs: dict[str, tuple], workers: int) -> Iterator[tuple[str, Any]]:
+    """``(key, function(*jobs[key]))`` for each job as it finishes, ``workers`` at a time in separate processes
+    (in this one for a single worker)."""
+    if workers == 1:
+        yield from ((key, function(*job)) for key, job in jobs.items())
         return
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
-    with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-        futures = {pool.submit(run_task, task, done, budget, args, reused[task]): task for task, done in todo.items()}
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = {pool.submit(function, *job): key for key, job in jobs.items()}
         for future in as_completed(futures):
             yield futures[future], future.result()
 
@@ -311,6 +339,24 @@ def interval(difference: dict[str, Any]) -> str:
     return f"{difference['mean']:+.1f} [{low:+.1f}, {high:+.1f}]"
 
 
+PAIRED_NOTE = ("Paired by seed (x100): the mean over seeds of the per-seed difference, with its 95% Student-t "
+               "interval; an interval that contains 0 means the seeds cannot tell the two methods apart on that "
+               "column.")
+
+
+def paired_table(paired: dict[str, dict[str, Any]], names: list[str]) -> str:
+    """The markdown table of :func:`paired_comparisons`: one row per difference, one column per task and the average."""
+    rows = [{"difference": name.replace("_minus_", " - ").replace("_", " "),
+             **{t: interval(d) for t, d in diffs.items()}} for name, diffs in paired.items()]
+    return format_table(rows, ["difference", *names, "average"])
+
+
+def targets_line(targets: dict[str, Any]) -> str:
+    """``"Targets: name = value, ..."`` for :func:`target_checks`' result."""
+    return "Targets: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
+                                   for k, v in targets.items())
+
+
 def target_checks(tasks: dict[str, Any], step_time: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets, on seed means: ROSA >= LoRA on 3 of 4 tasks (3/4 of those run) and on average;
     ROSA within 1 point of full fine-tuning on average; ROSA's median step time within 10% of LoRA's."""
@@ -386,13 +432,7 @@ def markdown(report: dict[str, Any]) -> str:
         format_table(seed0_rows, ["method", *names], ".1f"),
     ]
     if report.get("paired"):
-        paired_rows = [{"difference": name.replace("_minus_", " - ").replace("_", " "),
-                        **{t: interval(d) for t, d in diffs.items()}}
-                       for name, diffs in report["paired"].items()]
-        lines += ["", "Paired by seed (x100): the mean over seeds of the per-seed difference, with its 95% "
-                      "Student-t interval; an interval that contains 0 means the seeds cannot tell the two "
-                      "methods apart on that column.", "",
-                  format_table(paired_rows, ["difference", *names, "average"])]
+        lines += ["", PAIRED_NOTE, "", paired_table(report["paired"], names)]
     if report.get("step_time"):
         t = report["step_time"]
         lines += ["", f"Step time, ROSA vs LoRA timed alternately on one batch of {t['batch_shape'][0]}x"
@@ -400,8 +440,7 @@ def markdown(report: dict[str, Any]) -> str:
                       f"LoRA {1000 * t['lora_seconds']:.0f} ms (ratio {t['rosa_over_lora']:.3f}); "
                       + resample_note(tasks)]
     if report["targets"]:
-        lines += ["", "Targets: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
-                                              for k, v in report["targets"].items())]
+        lines += ["", targets_line(report["targets"])]
     return "\n".join(lines) + "\n"
 
 
@@ -561,18 +600,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     report["tasks"] = {t: r for t, r in previous.get("tasks", {}).items() if t in task_list}
     start = time.perf_counter() - previous.get("total_seconds", 0.0)
     todo = {t: report["tasks"].get(t) for t in task_list if not finished(report["tasks"].get(t, {}), args.seeds)}
-    for task, result in run_tasks(todo, BUDGETS[name], args, baseline):
-        report["tasks"][task] = result
-        report["tasks"] = {t: report["tasks"][t] for t in task_list if t in report["tasks"]}  # task order
-        report["total_seconds"] = time.perf_counter() - start
-        write_report(report, args.out)
-        forget_runs(args.out, task)
+    record_tasks(run_tasks(todo, BUDGETS[name], args, baseline), report, start, args.out, write_report)
     report["step_time"] = step_time_ab(BUDGETS[name], TIMING_STEPS[name], args)
-    report["complete"] = True
-    report["total_seconds"] = time.perf_counter() - start
-    write_report(report, args.out)
-    print(markdown(report))
-    return report
+    return finish(report, start, args.out, write_report, markdown)
 
 
 if __name__ == "__main__":
