@@ -8,11 +8,15 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # CI clones the repo with a copy of shared/ beside it; ROSA_SHARED_DATA points elsewhere.
 SHARED_DATA = Path(os.environ.get("ROSA_SHARED_DATA") or REPO.parent / "shared" / "data")
+GLUE_DIR = SHARED_DATA / "glue"
+needs_glue = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").is_file(),
+                                reason=f"GLUE data not found under {GLUE_DIR} (set ROSA_SHARED_DATA)")
 
 
 def load_benchmark(name: str) -> ModuleType:

@@ -13,13 +13,11 @@ import pytest
 
 pytest.importorskip("peft")
 
-from helpers import REPO, SHARED_DATA, load_benchmark  # noqa: E402
-
-GLUE_DIR = SHARED_DATA / "glue"
+from helpers import GLUE_DIR, REPO, load_benchmark, needs_glue  # noqa: E402
 
 
 @pytest.mark.real_model
-@pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").is_file(), reason=f"GLUE data not found under {GLUE_DIR}")
+@needs_glue
 def test_tiny_budget_with_two_workers_writes_json_and_markdown(tmp_path):
     """The script as users run it, two tasks in two worker processes."""
     command = [sys.executable, str(REPO / "benchmarks" / "glue_table.py"), "--tiny", "--tasks", "rte", "sts-b",

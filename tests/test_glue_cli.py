@@ -22,10 +22,7 @@ pytest.importorskip("peft")
 from rosa.cli import main  # noqa: E402
 from rosa.experiments import glue  # noqa: E402
 
-from helpers import SHARED_DATA  # noqa: E402
-GLUE_DIR = SHARED_DATA / "glue"
-needs_glue = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").is_file(),
-                                reason=f"GLUE data not found under {GLUE_DIR} (set ROSA_SHARED_DATA)")
+from helpers import GLUE_DIR, needs_glue  # noqa: E402
 TINY = ["--max-train-samples", "16", "--max-eval-samples", "16", "--max-length", "32", "--epochs", "1",
         "--batch-size", "4"]
 

@@ -20,13 +20,7 @@ from rosa.experiments.glue_data import (
     read_glue_split,
 )
 
-from helpers import SHARED_DATA
-GLUE_DIR = SHARED_DATA / "glue"
-
-needs_glue = pytest.mark.skipif(
-    not GLUE_DIR.is_dir(),
-    reason=f"real GLUE files not found at {GLUE_DIR} (set ROSA_SHARED_DATA)",
-)
+from helpers import GLUE_DIR, needs_glue
 
 
 # ---------------------------------------------------------------- real files

@@ -12,11 +12,7 @@ import pytest
 
 pytest.importorskip("peft")
 
-from helpers import SHARED_DATA, load_benchmark  # noqa: E402
-
-GLUE_DIR = SHARED_DATA / "glue"
-needs_glue = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").is_file(),
-                                reason=f"GLUE data not found under {GLUE_DIR}")
+from helpers import GLUE_DIR, load_benchmark, needs_glue  # noqa: E402
 
 
 def test_source_scores_hold_the_grid_on_the_first_seed_and_the_chosen_lr_on_every_seed():
