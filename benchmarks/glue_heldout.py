@@ -239,7 +239,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "benchmark": "glue_heldout", "source_dir": str(args.source),
         "source": {k: source[k] for k in ("budget_name", "budget", "model", "rank", "seed", "seeds", "step_time")}
-        | {"date": source["machine"]["date"]},
+        | {"date": glue_table.run_dates(source)},
         "select_seeds": list(range(first, first + args.select_seeds)),
         "held_out_seeds": list(range(first + args.select_seeds, first + source["seeds"])),
         "task_list": list(source["tasks"]), "workers": args.workers, "machine": machine_info(),

@@ -397,7 +397,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         ("Status: **complete**." if report["complete"] else
          f"Status: **partial**, {len(names)} of {len(report['task_list'])} tasks done."),
-        f"Run {machine['date']} on {machine['platform']}, {machine['cpu_count']} CPUs, "
+        f"Run {run_dates(report)} on {machine['platform']}, {machine['cpu_count']} CPUs, "
         f"{machine['torch_threads']} torch threads, torch {machine['torch']}, CUDA: {machine['cuda'] or 'none'}; "
         f"total wall time {report['total_seconds'] / 60:.0f} min. Budget `{report['budget_name']}`.",
         "",
@@ -457,6 +457,12 @@ def run_variant_notes(report: dict[str, Any]) -> list[str]:
                      "seed fixes every method's subsets, head init and data order, so the pairs stay valid; the total "
                      "wall time is ROSA's alone. `baseline rosa` in the paired table is that report's ROSA.")
     return notes
+
+
+def run_dates(report: dict[str, Any]) -> str:
+    """When the run started, and when it was resumed (``--resume``), if it was."""
+    first, *resumed = report.get("run_dates") or [report["machine"]["date"]]
+    return first + (f" (resumed {', '.join(resumed)})" if resumed else "")
 
 
 def seed_range(first: int, count: int) -> str:
@@ -592,6 +598,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         baseline = load_baseline(args.baseline, report) if args.baseline else {}
     except ValueError as err:
         raise SystemExit(f"glue_table: {err}") from None
+    if previous:  # the first start and every resume, oldest first
+        report["run_dates"] = [*previous.get("run_dates", [previous["machine"]["date"]]), report["machine"]["date"]]
     if baseline:
         report["baseline_date"] = baseline["machine"]["date"]
         report["baseline_rosa_seeds"] = {t: seed_scores(baseline["tasks"][t], "rosa")[:args.seeds] for t in task_list}

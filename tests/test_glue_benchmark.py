@@ -53,7 +53,8 @@ def test_resume_keeps_finished_tasks_and_refuses_other_settings(tmp_path, monkey
     bench = load_benchmark("glue_table")
     finished = {"data": {"subsampled": True}, "runs": {}, "chosen": {}, "seeds": {"rosa": [0.1, 0.2, 0.3]}}
     report = {"benchmark": "glue", "budget_name": "tiny", "budget": bench.asdict(bench.BUDGETS["tiny"]),
-              "model": "minilm", "rank": 8, "seed": 0, "tasks": {"STS-B": finished}, "total_seconds": 5.0}
+              "model": "minilm", "rank": 8, "seed": 0, "tasks": {"STS-B": finished}, "total_seconds": 5.0,
+              "machine": {"date": "2026-01-01 00:00:00 UTC"}}
     (tmp_path / "glue.json").write_text(json.dumps(report))
     with pytest.raises(SystemExit, match="was run with"):
         bench.main(["--tiny", "--tasks", "sts-b", "--rank", "4", "--resume", "--out", str(tmp_path)])
@@ -64,6 +65,9 @@ def test_resume_keeps_finished_tasks_and_refuses_other_settings(tmp_path, monkey
     monkeypatch.setattr(bench, "markdown", lambda *a: "")
     resumed = bench.main(["--tiny", "--tasks", "sts-b", "--resume", "--out", str(tmp_path)])
     assert resumed["tasks"] == {"STS-B": finished} and resumed["total_seconds"] >= 5.0
+    assert resumed["run_dates"] == ["2026-01-01 00:00:00 UTC", resumed["machine"]["date"]]
+    assert bench.run_dates(resumed) == f"2026-01-01 00:00:00 UTC (resumed {resumed['machine']['date']})"
+    assert bench.run_dates({"machine": {"date": "2026-01-02"}}) == "2026-01-02"  # reports from before run_dates
 
     monkeypatch.setattr(bench, "run_seeds", lambda task, result, *a: {"rosa": [0.5, 0.6]})
     resumed = bench.main(["--tiny", "--tasks", "sts-b", "--resume", "--seeds", "2", "--out", str(tmp_path)])
@@ -118,7 +122,7 @@ def test_a_crash_while_adding_seeds_keeps_every_grid_in_glue_json(tmp_path, monk
 
     report = {"benchmark": "glue", "budget_name": "tiny", "budget": bench.asdict(bench.BUDGETS["tiny"]),
               "model": "minilm", "rank": 8, "seed": 0, "tasks": {"RTE": task([0.5]), "STS-B": task([0.8])},
-              "total_seconds": 5.0}
+              "total_seconds": 5.0, "machine": {"date": "2026-01-01 00:00:00 UTC"}}
     (tmp_path / "glue.json").write_text(json.dumps(report))
     monkeypatch.setattr(bench, "markdown", lambda report: "")
 
