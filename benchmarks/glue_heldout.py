@@ -13,8 +13,9 @@ LRs. A seed fixes the train and dev subsets, head init, data order and ROSA's su
 reproduces a run; each task first retrains the source's ROSA run at its chosen LR on the first seed
 and stops if the score differs (other torch build, thread count or data). Only missing runs are
 trained: with ``--select-seeds 3`` on the 7-seed default table, two more seeds of every LR not
-chosen before (40 runs, about 50 minutes with two workers), then the held-out seeds of any LR
-whose choice changed. Finished tasks are kept in ``heldout.json`` and finished runs of the others in
+chosen before (40 runs), then the held-out seeds of any LR whose choice changed (8 more in the
+committed run: 48 runs, 91 minutes with two workers on a machine 1.3 to 2 times slower per step
+than the one that ran the table). Finished tasks are kept in ``heldout.json`` and finished runs of the others in
 ``OUT/runs/TASK/``, so rerunning the same command after a crash retrains only the runs in progress.
 
     OMP_NUM_THREADS=1 python benchmarks/glue_heldout.py --workers 2 --select-seeds 3 \\
