@@ -36,7 +36,8 @@ taken to 5 seeds that way one seed at a time, then to 7 with seeds 5 and 6 toget
 
 ``--baseline DIR`` trains only ROSA and takes LoRA's and full fine-tuning's runs from ``DIR/glue.json``
 (same budget, model, rank and first seed): a ROSA variant is then paired with the very runs the
-default was paired with, at a third of the cost.
+default was paired with, at a third of the cost. ``glue_heldout.py`` takes a finished table and
+chooses each LR on some seeds and scores it on the others.
 """
 
 from __future__ import annotations
