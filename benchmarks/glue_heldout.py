@@ -59,6 +59,11 @@ def source_scores(result: dict[str, Any], first_seed: int) -> Scores:
     return scores
 
 
+def grid_keys(lr_grid: dict[str, Any]) -> dict[str, list[str]]:
+    """Each method's grid LRs as the ``"%g"`` strings that key runs and scores."""
+    return {m: [f"{lr:g}" for lr in lr_grid[m]] for m in METHODS}
+
+
 def train_missing(task: str, wanted: list[tuple[str, str, int]], scores: Scores, budget: Budget,
                   args: argparse.Namespace) -> int:
     """Train the ``(method, LR, seed)`` runs of ``wanted`` that ``scores`` lacks and add their scores;
@@ -74,28 +79,29 @@ def train_missing(task: str, wanted: list[tuple[str, str, int]], scores: Scores,
     return len(missing)
 
 
-def check_reproduction(task: str, source: dict[str, Any], budget: Budget, args: argparse.Namespace) -> dict[str, Any]:
-    """Retrain the source's ROSA run at its chosen LR on the first seed; ``RuntimeError`` unless it scores
-    the same (within :data:`REPRODUCE_TOLERANCE`)."""
+def check_reproduction(task: str, source: dict[str, Any], seed: int, budget: Budget,
+                       args: argparse.Namespace) -> dict[str, Any]:
+    """Retrain the source's ROSA run at its chosen LR on its first ``seed``; ``RuntimeError`` unless it
+    scores the same (within :data:`REPRODUCE_TOLERANCE`)."""
     lr = f"{source['chosen']['rosa']['lr']:g}"
     expected = source["runs"]["rosa"][lr]["final_score"]
     rerun: Scores = {"rosa": {}}
-    train_missing(task, [("rosa", lr, args.first_seed)], rerun, budget, args)
-    got = rerun["rosa"][lr][str(args.first_seed)]
+    train_missing(task, [("rosa", lr, seed)], rerun, budget, args)
+    got = rerun["rosa"][lr][str(seed)]
     if abs(got - expected) > REPRODUCE_TOLERANCE:
-        raise RuntimeError(f"{task}: the source's ROSA run (lr {lr}, seed {args.first_seed}) scored {expected}, "
+        raise RuntimeError(f"{task}: the source's ROSA run (lr {lr}, seed {seed}) scored {expected}, "
                            f"a rerun here {got}; its runs cannot be reused. Run with the source's torch build, "
                            "OMP_NUM_THREADS and data, or run glue_table.py afresh.")
-    return {"method": "rosa", "lr": lr, "seed": args.first_seed, "source_score": expected, "rerun_score": got}
+    return {"method": "rosa", "lr": lr, "seed": seed, "source_score": expected, "rerun_score": got}
 
 
-def run_task(task: str, source: dict[str, Any], budget: Budget, args: argparse.Namespace) -> dict[str, Any]:
-    """Choose each method's LR on the selection seeds and score it on the held-out seeds, for one task."""
-    reproduced = check_reproduction(task, source, budget, args)
-    scores = source_scores(source, args.first_seed)
-    select = range(args.first_seed, args.first_seed + args.select_seeds)
-    held_out = range(select.stop, args.first_seed + args.source_seeds)
-    grid = {m: [f"{lr:g}" for lr in budget.lr_grid[m]] for m in METHODS}
+def run_task(task: str, source: dict[str, Any], select: list[int], held_out: list[int], budget: Budget,
+             args: argparse.Namespace) -> dict[str, Any]:
+    """Choose each method's LR on the ``select`` seeds (the source's first seeds) and score it on the
+    ``held_out`` ones, for one task."""
+    reproduced = check_reproduction(task, source, select[0], budget, args)
+    scores = source_scores(source, select[0])
+    grid = grid_keys(budget.lr_grid)
     trained = train_missing(task, [(m, lr, s) for s in select for m in METHODS for lr in grid[m]], scores, budget, args)
     selection_means = {m: {lr: statistics.fmean(scores[m][lr][str(s)] for s in select) for lr in grid[m]}
                        for m in METHODS}
@@ -142,8 +148,7 @@ def run_arguments(args: argparse.Namespace, source: dict[str, Any]) -> argparse.
     in ``OUT/runs`` are reused, so a rerun after a crash resumes)."""
     return argparse.Namespace(
         data_dir=args.data_dir, model=source["model"], rank=source["rank"],
-        singular_values=source.get("rosa_singular_values", "split"), out=args.out, resume=True,
-        first_seed=source["seed"], select_seeds=args.select_seeds, source_seeds=source["seeds"])
+        singular_values=source.get("rosa_singular_values", "split"), out=args.out, resume=True)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -153,10 +158,11 @@ def markdown(report: dict[str, Any]) -> str:
     select, held_out = report["select_seeds"], report["held_out_seeds"]
     rows = [{"method": m, **{t: glue_table.mean_and_spread(tasks[t]["seeds"][m]) for t in names},
              "average": 100 * report["average"][m] if report["average"] else None} for m in METHODS]
+    grid = grid_keys(source["budget"]["lr_grid"])
     grid_rows = [{"method": m, "lr": lr, **{t: bold_if(tasks[t]["chosen_lr"][m] == lr,
                                                        f"{100 * tasks[t]['selection_means'][m][lr]:.1f}")
                                               for t in names}}
-                 for m in METHODS for lr in next(iter(tasks.values()))["selection_means"][m]] if tasks else []
+                 for m in METHODS for lr in grid[m]]
     changes = [f"{m} on {t} {tasks[t]['source_chosen_lr'][m]} -> {tasks[t]['chosen_lr'][m]}"
                for t in names for m in METHODS if tasks[t]["chosen_lr"][m] != tasks[t]["source_chosen_lr"][m]]
     largest = max((abs(t["reproduced"]["rerun_score"] - t["reproduced"]["source_score"]) for t in tasks.values()),
@@ -249,7 +255,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     report["tasks"] = finished_tasks(args.out, report)
     run_args = run_arguments(args, source)
     start = time.perf_counter()
-    jobs = {t: (t, source["tasks"][t], budget, run_args) for t in report["task_list"] if t not in report["tasks"]}
+    jobs = {t: (t, source["tasks"][t], report["select_seeds"], report["held_out_seeds"], budget, run_args)
+            for t in report["task_list"] if t not in report["tasks"]}
     glue_table.record_tasks(glue_table.in_workers(run_task, jobs, args.workers), report, start, args.out, write_report)
     return glue_table.finish(report, start, args.out, write_report, markdown)
 

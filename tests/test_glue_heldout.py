@@ -23,18 +23,13 @@ def test_source_scores_hold_the_grid_on_the_first_seed_and_the_chosen_lr_on_ever
         "rosa": {"0.001": {"10": 0.5}, "0.002": {"10": 0.7, "11": 0.6, "12": 0.4}}}
 
 
-def tiny_source(tmp_path, seeds=3):
-    """A finished tiny ``glue_table`` report: folder and report."""
-    table = load_benchmark("glue_table")
-    out = tmp_path / "source"
-    report = table.main(["--tiny", "--tasks", "rte", "--seeds", str(seeds), "--data-dir", str(GLUE_DIR),
-                         "--out", str(out)])
-    return out, report
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    return tiny_source(tmp_path_factory.mktemp("heldout"))
+    """A finished tiny ``glue_table`` report on RTE with 3 seeds: folder and report."""
+    out = tmp_path_factory.mktemp("heldout") / "source"
+    report = load_benchmark("glue_table").main(["--tiny", "--tasks", "rte", "--seeds", "3", "--data-dir",
+                                                str(GLUE_DIR), "--out", str(out)])
+    return out, report
 
 
 def heldout_args(source_dir, out, select_seeds=2):
