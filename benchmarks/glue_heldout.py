@@ -23,6 +23,20 @@ than the one that ran the table). Finished tasks are kept in ``heldout.json`` an
 
 The committed ``benchmarks/results/glue-heldout`` is that command; its protocol (seeds 0 to 2 choose,
 seeds 3 to 6 score, reported whatever it shows) was fixed and committed with this script before it ran.
+
+``--widen PREVIOUS`` (a finished check of the same source and seeds) tests whether the grid's ends held
+a choice back: for every method and task whose choice in ``PREVIOUS`` sat at an end of its grid, one LR
+is added past that end (see :func:`widened`), trained on the selection seeds, and the choice is made again
+over the widened grid; all of ``PREVIOUS``'s runs are reused. The committed
+``benchmarks/results/glue-heldout-wide`` is ::
+
+    OMP_NUM_THREADS=1 python benchmarks/glue_heldout.py --workers 2 --select-seeds 3 \\
+        --source benchmarks/results --widen benchmarks/results/glue-heldout \\
+        --out benchmarks/results/glue-heldout-wide
+
+with its protocol fixed and committed with this option before it ran: one widening, of the nine ends
+chosen in ``glue-heldout`` (ROSA on CoLA, RTE, STS-B; LoRA on CoLA, RTE; full fine-tuning on all four
+tasks), each added LR trained on seeds 0 to 2, reported whatever it shows.
 """
 
 from __future__ import annotations
@@ -64,6 +78,31 @@ def grid_keys(lr_grid: dict[str, Any]) -> dict[str, list[str]]:
     return {m: [f"{lr:g}" for lr in lr_grid[m]] for m in METHODS}
 
 
+def widened(grid: list[str], chosen: str) -> list[str]:
+    """``grid`` (``"%g"`` LRs) in ascending order, with one LR added past its end when ``chosen`` is its
+    smallest or largest: as many times past that end as the end is past its neighbour, to 2 significant
+    digits (more where 2 would not reach past the end): 1e-3, 2e-3 chosen at 2e-3 adds 4e-3."""
+    lrs = sorted(grid, key=float)
+    if len(lrs) < 2 or chosen not in (lrs[0], lrs[-1]):
+        return lrs
+    top = chosen == lrs[-1]
+    end, neighbour = (float(lrs[-1]), float(lrs[-2])) if top else (float(lrs[0]), float(lrs[1]))
+    exact = end * (end / neighbour)
+    rounded = (f"{float(f'{exact:.{digits}g}'):g}" for digits in range(2, 7))
+    added = next((lr for lr in rounded if (float(lr) > end if top else float(lr) < end)), repr(exact))
+    return [*lrs, added] if top else [added, *lrs]
+
+
+def merged(*many: Scores) -> Scores:
+    """The runs of all of ``many`` in one :data:`Scores` (a later one's score wins on a repeated run)."""
+    scores: Scores = {}
+    for one in many:
+        for method, by_lr in one.items():
+            for lr, by_seed in by_lr.items():
+                scores.setdefault(method, {}).setdefault(lr, {}).update(by_seed)
+    return scores
+
+
 def train_missing(task: str, wanted: list[tuple[str, str, int]], scores: Scores, budget: Budget,
                   args: argparse.Namespace) -> int:
     """Train the ``(method, LR, seed)`` runs of ``wanted`` that ``scores`` lacks and add their scores;
@@ -96,23 +135,32 @@ def check_reproduction(task: str, source: dict[str, Any], seed: int, budget: Bud
 
 
 def run_task(task: str, source: dict[str, Any], select: list[int], held_out: list[int], budget: Budget,
-             args: argparse.Namespace) -> dict[str, Any]:
+             args: argparse.Namespace, previous: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Choose each method's LR on the ``select`` seeds (the source's first seeds) and score it on the
-    ``held_out`` ones, for one task."""
+    ``held_out`` ones, for one task; over the source's grid, or the grid of ``previous`` (this task's
+    result in an earlier check) widened past the ends it chose."""
     reproduced = check_reproduction(task, source, select[0], budget, args)
     scores = source_scores(source, select[0])
     grid = grid_keys(budget.lr_grid)
+    if previous is not None:
+        scores = merged(scores, previous["scores"])
+        grid = {m: widened(previous.get("grid", grid)[m], previous["chosen_lr"][m]) for m in METHODS}
     trained = train_missing(task, [(m, lr, s) for s in select for m in METHODS for lr in grid[m]], scores, budget, args)
     selection_means = {m: {lr: statistics.fmean(scores[m][lr][str(s)] for s in select) for lr in grid[m]}
                        for m in METHODS}
     chosen = {m: max(grid[m], key=selection_means[m].__getitem__) for m in METHODS}
     trained += train_missing(task, [(m, chosen[m], s) for s in held_out for m in METHODS], scores, budget, args)
     return {
-        "chosen_lr": chosen, "source_chosen_lr": {m: f"{source['chosen'][m]['lr']:g}" for m in METHODS},
-        "selection_means": selection_means,
+        "grid": grid, "chosen_lr": chosen,
+        "source_chosen_lr": {m: f"{source['chosen'][m]['lr']:g}" for m in METHODS}, "selection_means": selection_means,
         "seeds": {m: [scores[m][chosen[m]][str(s)] for s in held_out] for m in METHODS},
         "scores": scores, "trained_runs": trained, "reproduced": reproduced,
     }
+
+
+def source_seconds(result: dict[str, Any]) -> float:
+    """The wall seconds of one task's grid runs in a ``glue_table`` report."""
+    return sum(run["wall_seconds"] for runs in result["runs"].values() for run in runs.values())
 
 
 def load_source(directory: Path, select_seeds: int) -> tuple[dict[str, Any], Budget]:
@@ -133,11 +181,30 @@ def load_source(directory: Path, select_seeds: int) -> tuple[dict[str, Any], Bud
     return source, budget
 
 
+def load_widened(directory: Path, report: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The tasks of the finished check in ``directory`` that ``--widen`` widens; ``ValueError`` unless it
+    is a finished check of the same source and seeds, kept apart from ``out``."""
+    path = directory / "heldout.json"
+    if not path.is_file():
+        raise ValueError(f"--widen: {path} does not exist; pass the --out folder of a finished glue_heldout.py run")
+    if directory.resolve() == out.resolve():
+        raise ValueError(f"--widen: {directory} is also --out; write the widened check to another folder")
+    previous = json.loads(path.read_text())
+    if not previous.get("complete") or list(previous["tasks"]) != report["task_list"]:
+        raise ValueError(f"--widen: {path} is a partial run; finish it first")
+    differ = [key for key in ("source", "select_seeds", "held_out_seeds") if previous[key] != report[key]]
+    if differ:
+        raise ValueError(f"--widen: {path} checked another source table or seeds ({', '.join(differ)} differ); "
+                         "pass the --source and --select-seeds it was run with")
+    return previous["tasks"]
+
+
 def finished_tasks(out: Path, report: dict[str, Any]) -> dict[str, Any]:
-    """The tasks an earlier run of the same check (same source and seeds) finished in ``out/heldout.json``."""
+    """The tasks an earlier run of the same check (same source, seeds and widened check) finished in
+    ``out/heldout.json``."""
     path = out / "heldout.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    if any(previous.get(k) != report[k] for k in ("source", "select_seeds", "held_out_seeds")):
+    if any(previous.get(k) != report[k] for k in ("source", "select_seeds", "held_out_seeds", "widen_dir")):
         return {}
     print(f"glue_heldout: keeping {', '.join(previous['tasks']) or 'no tasks'} from {path}", flush=True)
     return previous["tasks"]
@@ -158,11 +225,13 @@ def markdown(report: dict[str, Any]) -> str:
     select, held_out = report["select_seeds"], report["held_out_seeds"]
     rows = [{"method": m, **{t: glue_table.mean_and_spread(tasks[t]["seeds"][m]) for t in names},
              "average": 100 * report["average"][m] if report["average"] else None} for m in METHODS]
-    grid = grid_keys(source["budget"]["lr_grid"])
+    source_grid = grid_keys(source["budget"]["lr_grid"])
+    grids = {t: tasks[t].get("grid", source_grid) for t in names}  # checks before --widen kept no grid
     grid_rows = [{"method": m, "lr": lr, **{t: bold_if(tasks[t]["chosen_lr"][m] == lr,
                                                        f"{100 * tasks[t]['selection_means'][m][lr]:.1f}")
-                                              for t in names}}
-                 for m in METHODS for lr in grid[m]]
+                                              for t in names if lr in grids[t][m]}}
+                 for m in METHODS for lr in sorted({lr for t in names for lr in grids[t][m]}, key=float)]
+    added = [(m, t, lr) for t in names for m in METHODS for lr in grids[t][m] if lr not in source_grid[m]]
     changes = [f"{m} on {t} {tasks[t]['source_chosen_lr'][m]} -> {tasks[t]['chosen_lr'][m]}"
                for t in names for m in METHODS if tasks[t]["chosen_lr"][m] != tasks[t]["source_chosen_lr"][m]]
     largest = max((abs(t["reproduced"]["rerun_score"] - t["reproduced"]["source_score"]) for t in tasks.values()),
@@ -174,11 +243,13 @@ def markdown(report: dict[str, Any]) -> str:
         ("Status: **complete**." if report["complete"] else
          f"Status: **partial**, {len(names)} of {len(report['task_list'])} tasks done."),
         f"Source: the `{source['budget_name']}` budget table in `{report['source_dir']}` (run {source['date']}, "
-        f"{source['seeds']} seeds); its budget, subsets and grids are used unchanged. This run: {machine['date']} on "
+        f"{source['seeds']} seeds); its budget, subsets and grids are used "
+        + (f"unchanged, the grids widened from the check in `{report['widen_dir']}`" if report.get("widen_dir")
+           else "unchanged") + f". This run: {machine['date']} on "
         f"{machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, total wall time "
         f"{report['total_seconds'] / 60:.0f} min; {sum(t['trained_runs'] for t in tasks.values())} runs trained, "
-        f"the others reused from the source after each task's check rerun of its ROSA seed-{select[0]} run "
-        f"(largest score difference {largest:.1g}).",
+        f"the others reused from the source{' and that check' if report.get('widen_dir') else ''} after each "
+        f"task's check rerun of its ROSA seed-{select[0]} run (largest score difference {largest:.1g}).",
         "",
         f"Dev scores x100 on the held-out {glue_table.seed_range(held_out[0], len(held_out))} (mean ± standard "
         "deviation) at each method's chosen learning rate:",
@@ -193,6 +264,12 @@ def markdown(report: dict[str, Any]) -> str:
         ("Choices that differ from the source table's (seed-0) choice: " + "; ".join(changes) + "."
          if changes else "Every choice is the source table's (seed-0) choice."),
     ]
+    if added:
+        chosen_added = [f"{m} on {t} {lr}" for m, t, lr in added if tasks[t]["chosen_lr"][m] == lr]
+        lines += ["", "Learning rates added past the end of the grid that the widened check chose: "
+                  + "; ".join(f"{m} on {t} {lr}" for m, t, lr in added) + ". Chosen among them: "
+                  + ("; ".join(chosen_added) + " (each at the new end of its grid, so a wider grid may still "
+                     "change it)" if chosen_added else "none") + "."]
     if report.get("paired"):
         lines += ["", glue_table.PAIRED_NOTE + " Held-out seeds only.", "",
                   glue_table.paired_table(report["paired"], names)]
@@ -227,6 +304,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "glue",
                         help="glue_data/ folder the source was run on (default: ../shared/data/glue next to the repo)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "glue-heldout")
+    parser.add_argument("--widen", type=Path, default=None,
+                        help="folder of a finished glue_heldout.py run of the same source and seeds: add one LR "
+                             "past each end of the grid it chose, train it and choose again")
     parser.add_argument("--workers", type=int, default=1,
                         help="tasks trained at once, each in its own process (at most the CPU cores; "
                              "with OMP_NUM_THREADS=1 each)")
@@ -250,13 +330,19 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "select_seeds": list(range(first, first + args.select_seeds)),
         "held_out_seeds": list(range(first + args.select_seeds, first + source["seeds"])),
         "task_list": list(source["tasks"]), "workers": args.workers, "machine": machine_info(),
-        "tasks": {}, "complete": False, "total_seconds": 0.0,
+        "widen_dir": args.widen and str(args.widen), "tasks": {}, "complete": False, "total_seconds": 0.0,
     }
+    try:
+        previous = load_widened(args.widen, report, args.out) if args.widen else {}
+    except ValueError as err:
+        raise SystemExit(f"glue_heldout: {err}") from None
     report["tasks"] = finished_tasks(args.out, report)
     run_args = run_arguments(args, source)
     start = time.perf_counter()
-    jobs = {t: (t, source["tasks"][t], report["select_seeds"], report["held_out_seeds"], budget, run_args)
-            for t in report["task_list"] if t not in report["tasks"]}
+    todo = sorted((t for t in report["task_list"] if t not in report["tasks"]),
+                  key=lambda t: -source_seconds(source["tasks"][t]))  # the longest first, for the workers' sake
+    jobs = {t: (t, source["tasks"][t], report["select_seeds"], report["held_out_seeds"], budget, run_args,
+                previous.get(t)) for t in todo}
     glue_table.record_tasks(glue_table.in_workers(run_task, jobs, args.workers), report, start, args.out, write_report)
     return glue_table.finish(report, start, args.out, write_report, markdown)
 

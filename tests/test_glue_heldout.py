@@ -9,6 +9,8 @@ import json
 import statistics
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 pytest.importorskip("peft")
 
@@ -21,6 +23,38 @@ def test_source_scores_hold_the_grid_on_the_first_seed_and_the_chosen_lr_on_ever
               "chosen": {"rosa": {"lr": 0.002}}, "seeds": {"rosa": [0.7, 0.6, 0.4]}}
     assert heldout.source_scores(result, first_seed=10) == {
         "rosa": {"0.001": {"10": 0.5}, "0.002": {"10": 0.7, "11": 0.6, "12": 0.4}}}
+
+
+@pytest.mark.parametrize("grid, chosen, expected", [
+    (["0.001", "0.0005", "0.002"], "0.002", ["0.0005", "0.001", "0.002", "0.004"]),
+    (["0.0005", "0.001", "0.002"], "0.0005", ["0.00025", "0.0005", "0.001", "0.002"]),
+    (["0.0005", "0.001", "0.002"], "0.001", ["0.0005", "0.001", "0.002"]),  # an inner choice: unchanged
+    (["3e-05", "0.0001"], "0.0001", ["3e-05", "0.0001", "0.00033"]),  # x 10/3, to 2 significant digits
+    (["3e-05", "0.0001"], "3e-05", ["9e-06", "3e-05", "0.0001"]),
+    (["0.001"], "0.001", ["0.001"]),  # no neighbour, no step to take
+])
+def test_widened_adds_one_lr_past_the_end_that_was_chosen(grid, chosen, expected):
+    assert load_benchmark("glue_heldout").widened(grid, chosen) == expected
+
+
+@given(st.lists(st.floats(1e-6, 1e-1), min_size=2, max_size=5, unique=True), st.booleans())
+def test_widened_steps_past_the_end_as_far_as_the_end_is_from_its_neighbour(lrs, top):
+    grid = sorted({f"{lr:g}" for lr in lrs}, key=float)
+    if len(grid) < 2:
+        return
+    widened = load_benchmark("glue_heldout").widened(grid, grid[-1] if top else grid[0])
+    assert len(widened) == len(grid) + 1 and widened == sorted(widened, key=float)
+    end, neighbour, added = (grid[-1], grid[-2], widened[-1]) if top else (grid[0], grid[1], widened[0])
+    assert float(added) / float(end) == pytest.approx(float(end) / float(neighbour), rel=0.051)
+
+
+def test_merged_keeps_every_run_and_the_later_score_of_a_repeated_one():
+    heldout = load_benchmark("glue_heldout")
+    first = {"rosa": {"0.001": {"0": 0.5, "1": 0.6}}}
+    later = {"rosa": {"0.001": {"1": 0.7}, "0.002": {"0": 0.4}}, "full": {"3e-05": {"0": 0.1}}}
+    assert heldout.merged(first, later) == {"rosa": {"0.001": {"0": 0.5, "1": 0.7}, "0.002": {"0": 0.4}},
+                                            "full": {"3e-05": {"0": 0.1}}}
+    assert first == {"rosa": {"0.001": {"0": 0.5, "1": 0.6}}}  # the inputs are left as they were
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +71,19 @@ def heldout_args(source_dir, out, select_seeds=2):
             "--out", str(out)]
 
 
+@pytest.fixture(scope="module")
+def checked(source, tmp_path_factory):
+    """The held-out check of ``source`` (seeds 0 and 1 choose, seed 2 scores): folder and report."""
+    out = tmp_path_factory.mktemp("heldout") / "checked"
+    return out, load_benchmark("glue_heldout").main(heldout_args(source[0], out))
+
+
 @pytest.mark.real_model
 @needs_glue
-def test_each_lr_is_chosen_on_the_selection_seeds_and_scored_on_the_held_out_ones(source, tmp_path, monkeypatch):
+def test_each_lr_is_chosen_on_the_selection_seeds_and_scored_on_the_held_out_ones(source, checked, monkeypatch):
     source_dir, source_report = source
+    tmp_path, report = checked
     heldout = load_benchmark("glue_heldout")
-    report = heldout.main(heldout_args(source_dir, tmp_path))
     assert report["complete"] and report["select_seeds"] == [0, 1] and report["held_out_seeds"] == [2]
     task, given = report["tasks"]["RTE"], source_report["tasks"]["RTE"]
     grid = heldout.BUDGETS["tiny"].lr_grid
@@ -74,37 +115,66 @@ def test_each_lr_is_chosen_on_the_selection_seeds_and_scored_on_the_held_out_one
     assert heldout.main(heldout_args(source_dir, tmp_path))["tasks"] == report["tasks"]
 
 
+# The LR that --widen adds past each end of the tiny budget's two-LR grids (written out by hand).
+TINY_ADDED = {"rosa": {"0.0005": "0.00017", "0.0015": "0.0045"}, "lora": {"0.0005": "0.00017", "0.0015": "0.0045"},
+              "full": {"3e-05": "9e-06", "0.0001": "0.00033"}}
+
+
 @pytest.mark.real_model
 @needs_glue
-def test_a_source_run_that_does_not_reproduce_stops_before_its_runs_are_reused(source, tmp_path):
-    source_dir, source_report = source
-    given = json.loads(json.dumps(source_report))
-    rosa = given["tasks"]["RTE"]
-    rosa["runs"]["rosa"][f"{rosa['chosen']['rosa']['lr']:g}"]["final_score"] += 0.01
-    (tmp_path / "source").mkdir()
-    (tmp_path / "source" / "glue.json").write_text(json.dumps(given))
+def test_widen_adds_an_lr_past_the_chosen_end_reuses_every_run_and_chooses_again(source, checked, tmp_path,
+                                                                                   monkeypatch):
+    (source_dir, _), (checked_dir, before) = source, checked
     heldout = load_benchmark("glue_heldout")
-    with pytest.raises(RuntimeError, match="cannot be reused"):
-        heldout.main(heldout_args(tmp_path / "source", tmp_path / "out"))
-    assert not (tmp_path / "out" / "heldout.json").exists()
+    report = heldout.main(heldout_args(source_dir, tmp_path) + ["--widen", str(checked_dir)])
+    assert report["complete"] and report["widen_dir"] == str(checked_dir)
+    task, previous = report["tasks"]["RTE"], before["tasks"]["RTE"]
+    expected_runs = 0
+    for method, lrs in heldout.BUDGETS["tiny"].lr_grid.items():
+        added = TINY_ADDED[method][previous["chosen_lr"][method]]  # a two-LR grid's choice is always an end
+        assert task["grid"][method] == sorted([f"{lr:g}" for lr in lrs] + [added], key=float)
+        scores = task["scores"][method]
+        for lr, by_seed in previous["scores"][method].items():  # every earlier run is kept as it was
+            assert {s: scores[lr][s] for s in by_seed} == by_seed
+        assert set(scores[added]) >= {"0", "1"}
+        means = {lr: statistics.fmean([scores[lr]["0"], scores[lr]["1"]]) for lr in task["grid"][method]}
+        assert task["chosen_lr"][method] == max(task["grid"][method], key=means.__getitem__)
+        assert task["seeds"][method] == [scores[task["chosen_lr"][method]]["2"]]
+        expected_runs += 2 + (task["chosen_lr"][method] == added)  # the added LR on seeds 0, 1 (and 2 if chosen)
+    assert task["trained_runs"] == expected_runs
+    md = (tmp_path / "heldout.md").read_text()
+    assert f"the grids widened from the check in `{checked_dir}`" in md
+    assert "Learning rates added past the end of the grid that the widened check chose: rosa on RTE " in md
+
+    # Run again: the finished task is kept, nothing is trained.
+    monkeypatch.setattr(heldout.glue_table, "train", lambda *a: pytest.fail("a finished task was trained again"))
+    widen_again = heldout_args(source_dir, tmp_path) + ["--widen", str(checked_dir)]
+    assert heldout.main(widen_again)["tasks"] == report["tasks"]
 
 
+@pytest.mark.real_model
+@needs_glue
 @pytest.mark.parametrize("change, message", [
     ("missing", "does not exist"),
+    ("same", "is also --out"),
     ("partial", "is a partial run"),
-    ("budget", "budget glue_table.py no longer defines"),
-    ("seeds", "--select-seeds must be from 1 to 2"),
+    ("seeds", r"checked another source table or seeds \(select_seeds, held_out_seeds differ\)"),
 ])
-def test_a_source_that_cannot_be_checked_is_refused_before_anything_is_written(tmp_path, monkeypatch, change, message):
+def test_a_check_that_cannot_be_widened_is_refused_before_anything_is_written(source, checked, tmp_path, monkeypatch,
+                                                                              change, message):
     heldout = load_benchmark("glue_heldout")
     monkeypatch.setattr(heldout.glue_table, "train", lambda *a: pytest.fail("trained"))
-    budget = json.loads(json.dumps(heldout.glue_table.asdict(heldout.BUDGETS["tiny"])))
-    report = {"complete": change != "partial", "budget_name": "tiny", "seeds": 3,
-              "budget": {**budget, "epochs": 2} if change == "budget" else budget}
-    source = tmp_path / "source"
+    previous = tmp_path / "previous"
     if change != "missing":
-        source.mkdir()
-        (source / "glue.json").write_text(json.dumps(report))
+        report = json.loads((checked[0] / "heldout.json").read_text())
+        report["complete"] = change != "partial"
+        if change == "seeds":
+            report["select_seeds"], report["held_out_seeds"] = [0], [1, 2]
+        previous.mkdir()
+        (previous / "heldout.json").write_text(json.dumps(report))
+    out = previous if change == "same" else tmp_path / "out"
+    kept = (previous / "heldout.json").read_text() if change != "missing" else None
     with pytest.raises(SystemExit, match=message):
-        heldout.main(heldout_args(source, tmp_path / "out", select_seeds=3 if change == "seeds" else 2))
+        heldout.main(heldout_args(source[0], out) + ["--widen", str(previous)])
     assert not (tmp_path / "out").exists()
+    assert change == "missing" or (previous / "heldout.json").read_text() == kept
