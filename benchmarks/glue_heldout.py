@@ -266,7 +266,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if added:
         chosen_added = [f"{m} on {t} {lr}" for m, t, lr in added if tasks[t]["chosen_lr"][m] == lr]
-        lines += ["", "Learning rates added past the end of the grid that the widened check chose: "
+        lines += ["", "Learning rates added, each past the end of its grid that the earlier check chose: "
                   + "; ".join(f"{m} on {t} {lr}" for m, t, lr in added) + ". Chosen among them: "
                   + ("; ".join(chosen_added) + " (each at the new end of its grid, so a wider grid may still "
                      "change it)" if chosen_added else "none") + "."]

@@ -144,7 +144,7 @@ def test_widen_adds_an_lr_past_the_chosen_end_reuses_every_run_and_chooses_again
     assert task["trained_runs"] == expected_runs
     md = (tmp_path / "heldout.md").read_text()
     assert f"the grids widened from the check in `{checked_dir}`" in md
-    assert "Learning rates added past the end of the grid that the widened check chose: rosa on RTE " in md
+    assert "Learning rates added, each past the end of its grid that the earlier check chose: rosa on RTE " in md
 
     # Run again: the finished task is kept, nothing is trained.
     monkeypatch.setattr(heldout.glue_table, "train", lambda *a: pytest.fail("a finished task was trained again"))
