@@ -215,7 +215,8 @@ def run_arguments(args: argparse.Namespace, source: dict[str, Any]) -> argparse.
     in ``OUT/runs`` are reused, so a rerun after a crash resumes)."""
     return argparse.Namespace(
         data_dir=args.data_dir, model=source["model"], rank=source["rank"],
-        singular_values=source.get("rosa_singular_values", "split"), out=args.out, resume=True)
+        singular_values=source.get("rosa_singular_values", "split"), resample_every=source.get("rosa_resample_every"),
+        out=args.out, resume=True)
 
 
 def markdown(report: dict[str, Any]) -> str:

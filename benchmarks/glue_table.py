@@ -106,7 +106,7 @@ def task_settings(task: str, budget: Budget, args: argparse.Namespace, seed: int
         task=task, data_dir=str(args.data_dir), model=args.model, rank=args.rank, epochs=budget.epochs,
         batch_size=budget.batch_size, max_length=budget.max_length, rewarmup_steps=budget.rewarmup_steps, seed=seed,
         max_train_samples=budget.train_samples, max_eval_samples=budget.eval_samples,
-        singular_values=args.singular_values,
+        singular_values=args.singular_values, resample_every=args.resample_every,
     )
 
 
@@ -416,7 +416,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Same for every method: {seed_range(report['seed'], report.get('seeds', 1))}, "
         f"{budget['epochs']} epochs, batch size "
         f"{budget['batch_size']}, max length {budget['max_length']}, AdamW with linear warmup/decay, "
-        f"ROSA resampling once per epoch with a {budget['rewarmup_steps']}-step LR re-warmup after each resample, "
+        f"ROSA resampling {resample_phrase(report)} with a {budget['rewarmup_steps']}-step LR re-warmup after each "
+        "resample, "
         f"LoRA alpha = rank on the same target layers; ROSA and LoRA also train the classifier head and "
         f"the pooler that feeds it.",
         "**Subsampled** (seeded random subsets, the same for every method; sizes of each seed): "
@@ -445,13 +446,25 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resample_phrase(report: dict[str, Any]) -> str:
+    """How often ROSA resampled: ``"once per epoch"`` or every ``--resample-every`` steps."""
+    every = report.get("rosa_resample_every")
+    return "once per epoch" if every is None else f"every {every} optimizer steps"
+
+
 def run_variant_notes(report: dict[str, Any]) -> list[str]:
-    """Sentences for a ROSA ablation (``--singular-values``) and for LoRA and full runs reused from ``--baseline``."""
+    """Sentences for a ROSA ablation (``--singular-values``, ``--resample-every``) and for LoRA and full runs
+    reused from ``--baseline``."""
     notes = []
     placement = report.get("rosa_singular_values", "split")
     if placement != "split":
         notes.append(f"**ROSA ablation**: `RosaConfig.singular_values = '{placement}'`, all of the chosen singular "
                      f"values on the `{placement}` factor (the library's default, `split`, puts sqrt(s) on each).")
+    if report.get("rosa_resample_every") is not None:
+        steps = sorted({t["chosen"]["rosa"]["steps"] for t in report["tasks"].values()})
+        notes.append(f"**ROSA ablation**: resampling {resample_phrase(report)} instead of once per epoch (the chosen "
+                     f"ROSA runs took {', '.join(map(str, steps))} steps; a larger interval never resamples, and the "
+                     "factors are merged once, at the end).")
     if report.get("baseline"):
         notes.append(f"**LoRA and full fine-tuning were not trained in this run**: their runs, chosen learning rates "
                      f"and seed scores are reused from `{report['baseline']}` (run {report['baseline_date']}). A "
@@ -512,6 +525,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--singular-values", choices=SINGULAR_VALUE_PLACEMENTS, default="split",
                         help="which ROSA factor carries the singular values (RosaConfig.singular_values), "
                              "for ablations (default: %(default)s)")
+    parser.add_argument("--resample-every", type=int, default=None, metavar="STEPS",
+                        help="optimizer steps between ROSA resamples, for ablations; more than a run's steps "
+                             "never resamples (default: once per epoch)")
     parser.add_argument("--baseline", type=Path,
                         help="reuse LoRA's and full fine-tuning's runs from BASELINE/glue.json (same budget, "
                              "model, rank and seed, at least --seeds seeds) and train only ROSA, e.g. to "
@@ -524,8 +540,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def settings_of(report: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     """``keys`` of a report as JSON would give them back; a report older than a key gets its default
-    (reports from before ``--singular-values`` and ``--baseline`` used the split and trained every method)."""
-    defaults = {"rosa_singular_values": "split", "baseline": None}
+    (reports from before ``--singular-values``, ``--resample-every`` and ``--baseline`` used the split, resampled
+    once per epoch and trained every method)."""
+    defaults = {"rosa_singular_values": "split", "rosa_resample_every": None, "baseline": None}
     return json.loads(json.dumps({k: report.get(k, defaults.get(k)) for k in keys}))
 
 
@@ -535,7 +552,7 @@ def previous_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     previous = json.loads(path.read_text())
-    keys = (*SHARED_SETTINGS, "rosa_singular_values", "baseline")
+    keys = (*SHARED_SETTINGS, "rosa_singular_values", "rosa_resample_every", "baseline")
     mine, theirs = settings_of(report, keys), settings_of(previous, keys)
     if mine != theirs:
         raise ValueError(f"--resume: {path} was run with {theirs}, this run is {mine}; drop --resume or change --out")
@@ -580,9 +597,9 @@ def rewrite_report(out: Path) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the benchmark; returns the report written to ``glue.json``."""
     args = parse_args(argv)
-    for option in ("workers", "seeds"):
-        if getattr(args, option) < 1:
-            raise SystemExit(f"glue_table: --{option} must be at least 1, got {getattr(args, option)}")
+    for option in ("workers", "seeds", "resample_every"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise SystemExit(f"glue_table: --{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     if args.report_only:
         return rewrite_report(args.out)
     task_list = [get_task_spec(t).name for t in args.tasks]
@@ -591,6 +608,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "benchmark": "glue", "budget_name": name, "budget": asdict(BUDGETS[name]), "model": args.model,
         "rank": args.rank, "seed": args.seed, "task_list": task_list, "data_dir": str(args.data_dir),
         "workers": args.workers, "seeds": args.seeds, "rosa_singular_values": args.singular_values,
+        "rosa_resample_every": args.resample_every,
         "baseline": None if args.baseline is None else str(args.baseline),
         "machine": machine_info(), "tasks": {}, "complete": False, "total_seconds": 0.0,
     }

@@ -194,8 +194,8 @@ def test_report_only_rewrites_the_tables_from_glue_json_without_training(tmp_pat
 
 
 def fake_training(bench, monkeypatch, crash_after: list) -> list[tuple]:
-    """Replace the model and data with stand-ins: a run's score is a known function of its method, LR, seed and
-    singular-value placement; the run after ``crash_after[0]`` finished ones raises ``KeyboardInterrupt``. Returns
+    """Replace the model and data with stand-ins: a run's score is a known function of its method, LR, seed,
+    singular-value placement and resample interval; the run after ``crash_after[0]`` finished ones raises ``KeyboardInterrupt``. Returns
     the list that collects each finished run's (method, lr, seed)."""
     monkeypatch.setattr(bench.glue, "load_tokenizer", lambda model: None)
     monkeypatch.setattr(bench.glue, "load_data", lambda settings, tokenizer: type("Data", (), {"sizes": {}})())
@@ -208,7 +208,8 @@ def fake_training(bench, monkeypatch, crash_after: list) -> list[tuple]:
         trained.append((method, lr, settings.seed))
         score = {"rosa": 0.6, "lora": 0.5, "full": 0.4}[method] + lr + settings.seed / 100
         score += 0.1 * (method == "rosa" and settings.singular_values == "down")
-        return bench.glue.MethodRun({"final_score": score, "lr": lr, "wall_seconds": 1.0,
+        score -= 0.01 * (method == "rosa" and settings.resample_every is not None)
+        return bench.glue.MethodRun({"final_score": score, "lr": lr, "wall_seconds": 1.0, "steps": 6,
                                      "step_seconds_median": 0.1, "trainable_params": 1}, None)
 
     monkeypatch.setattr(bench.glue, "train_method", train_method)
@@ -284,6 +285,43 @@ def test_baseline_reuses_lora_and_full_and_trains_only_rosa(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="--resume: .* was run with .*'rosa_singular_values': 'down'"):
         bench.main([*split, "--resume"])
     assert trained == []
+
+
+def test_a_resample_interval_ablation_trains_rosa_alone_and_says_how_it_resampled(tmp_path, monkeypatch):
+    bench = load_benchmark("glue_table")
+    trained = fake_training(bench, monkeypatch, [None])
+    monkeypatch.setattr(bench, "target_checks", lambda *a: {})
+    data = {"subsampled": False, "train_samples": 8, "train_total": 8, "eval_samples": 4, "eval_total": 4}
+    monkeypatch.setattr(bench.glue, "load_data", lambda settings, tokenizer: type("Data", (), {"sizes": data})())
+    base = bench.main(["--tiny", "--tasks", "rte", "--seeds", "2", "--out", str(tmp_path / "base")])
+    trained.clear()
+    argv = ["--tiny", "--tasks", "rte", "--seeds", "2", "--resample-every", "1000",
+            "--baseline", str(tmp_path / "base"), "--out", str(tmp_path / "ablation")]
+    ablation = bench.main(argv)
+    assert {method for method, _, _ in trained} == {"rosa"}
+    assert ablation["rosa_resample_every"] == 1000 and base["rosa_resample_every"] is None
+    effect = ablation["paired"]["rosa_minus_baseline_rosa"]["RTE"]["mean"]
+    assert effect == pytest.approx(-1.0)  # the stand-in scores a resample interval 0.01 lower
+    md = (tmp_path / "ablation" / "glue.md").read_text()
+    assert "ROSA resampling every 1000 optimizer steps with a 1-step LR re-warmup" in md
+    assert "**ROSA ablation**: resampling every 1000 optimizer steps instead of once per epoch (the chosen " \
+           "ROSA runs took 6 steps; a larger interval never resamples" in md
+    assert "ROSA resampling once per epoch" in (tmp_path / "base" / "glue.md").read_text()
+
+    trained.clear()
+    other = [arg if arg != "1000" else "500" for arg in argv]
+    with pytest.raises(SystemExit, match="--resume: .* was run with .*'rosa_resample_every': 1000"):
+        bench.main([*other, "--resume"])
+    with pytest.raises(SystemExit, match="--resample-every must be at least 1, got 0"):
+        bench.main([*(arg if arg != "1000" else "0" for arg in argv)])
+    assert trained == []
+
+
+def test_the_resample_interval_reaches_every_run(tmp_path):
+    bench = load_benchmark("glue_table")
+    args = bench.parse_args(["--tiny", "--resample-every", "7"])
+    assert bench.task_settings("RTE", bench.BUDGETS["tiny"], args, seed=3).resample_every == 7
+    assert bench.task_settings("RTE", bench.BUDGETS["tiny"], bench.parse_args(["--tiny"]), 3).resample_every is None
 
 
 @pytest.mark.parametrize("change, message", [
