@@ -33,11 +33,17 @@ taken to 5 seeds that way one seed at a time, then to 7 with seeds 5 and 6 toget
     python benchmarks/glue_table.py --report-only --out benchmarks/results/glue-long   # table from glue.json
     OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 7 --singular-values down \
         --baseline benchmarks/results --out benchmarks/results/glue-ablation-sv-down  # ROSA ablation, ~40 min
+    OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 7 --resample-every 1000000 \
+        --baseline benchmarks/results --out benchmarks/results/glue-ablation-no-resample  # never resamples
 
 ``--baseline DIR`` trains only ROSA and takes LoRA's and full fine-tuning's runs from ``DIR/glue.json``
 (same budget, model, rank and first seed): a ROSA variant is then paired with the very runs the
 default was paired with, at a third of the cost. ``glue_heldout.py`` takes a finished table and
 chooses each LR on some seeds and scores it on the others.
+
+The no-resample ablation (each run's 480 steps keep ROSA's first random subspace, merged once at the
+end) was fixed and committed before it ran, to be reported whatever it shows: a diagnostic of where
+ROSA's gap to LoRA comes from (resampling, or the SVD-slice factors), not a candidate default.
 """
 
 from __future__ import annotations
