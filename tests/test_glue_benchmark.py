@@ -216,6 +216,15 @@ def fake_training(bench, monkeypatch, crash_after: list) -> list[tuple]:
     return trained
 
 
+def fake_reported_training(bench, monkeypatch) -> list[tuple]:
+    """:func:`fake_training` that never crashes, with data sizes for the report and no target checks."""
+    trained = fake_training(bench, monkeypatch, [None])
+    monkeypatch.setattr(bench, "target_checks", lambda *a: {})
+    data = {"subsampled": False, "train_samples": 8, "train_total": 8, "eval_samples": 4, "eval_total": 4}
+    monkeypatch.setattr(bench.glue, "load_data", lambda settings, tokenizer: type("Data", (), {"sizes": data})())
+    return trained
+
+
 def test_a_crash_mid_task_loses_only_the_run_in_progress(tmp_path, monkeypatch):
     bench = load_benchmark("glue_table")
     monkeypatch.setattr(bench, "markdown", lambda report: "")
@@ -251,10 +260,7 @@ def test_a_crash_mid_task_loses_only_the_run_in_progress(tmp_path, monkeypatch):
 
 def test_baseline_reuses_lora_and_full_and_trains_only_rosa(tmp_path, monkeypatch):
     bench = load_benchmark("glue_table")
-    trained = fake_training(bench, monkeypatch, [None])
-    monkeypatch.setattr(bench, "target_checks", lambda *a: {})
-    data = {"subsampled": False, "train_samples": 8, "train_total": 8, "eval_samples": 4, "eval_total": 4}
-    monkeypatch.setattr(bench.glue, "load_data", lambda settings, tokenizer: type("Data", (), {"sizes": data})())
+    trained = fake_reported_training(bench, monkeypatch)
     base = bench.main(["--tiny", "--tasks", "rte", "mrpc", "--seeds", "2", "--out", str(tmp_path / "base")])
     trained.clear()
     argv = ["--tiny", "--tasks", "rte", "mrpc", "--seeds", "2", "--singular-values", "down",
@@ -289,10 +295,7 @@ def test_baseline_reuses_lora_and_full_and_trains_only_rosa(tmp_path, monkeypatc
 
 def test_a_resample_interval_ablation_trains_rosa_alone_and_says_how_it_resampled(tmp_path, monkeypatch):
     bench = load_benchmark("glue_table")
-    trained = fake_training(bench, monkeypatch, [None])
-    monkeypatch.setattr(bench, "target_checks", lambda *a: {})
-    data = {"subsampled": False, "train_samples": 8, "train_total": 8, "eval_samples": 4, "eval_total": 4}
-    monkeypatch.setattr(bench.glue, "load_data", lambda settings, tokenizer: type("Data", (), {"sizes": data})())
+    trained = fake_reported_training(bench, monkeypatch)
     base = bench.main(["--tiny", "--tasks", "rte", "--seeds", "2", "--out", str(tmp_path / "base")])
     trained.clear()
     argv = ["--tiny", "--tasks", "rte", "--seeds", "2", "--resample-every", "1000",
