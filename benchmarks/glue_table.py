@@ -468,9 +468,10 @@ def run_variant_notes(report: dict[str, Any]) -> list[str]:
                      f"values on the `{placement}` factor (the library's default, `split`, puts sqrt(s) on each).")
     if report.get("rosa_resample_every") is not None:
         steps = sorted({t["chosen"]["rosa"]["steps"] for t in report["tasks"].values()})
+        never = bool(steps) and report["rosa_resample_every"] >= steps[-1]
         notes.append(f"**ROSA ablation**: resampling {resample_phrase(report)} instead of once per epoch (the chosen "
-                     f"ROSA runs took {', '.join(map(str, steps))} steps; a larger interval never resamples, and the "
-                     "factors are merged once, at the end).")
+                     f"ROSA runs took {', '.join(map(str, steps))} steps"
+                     + (", so they never resampled and merged their factors once, at the end)." if never else ")."))
     if report.get("baseline"):
         notes.append(f"**LoRA and full fine-tuning were not trained in this run**: their runs, chosen learning rates "
                      f"and seed scores are reused from `{report['baseline']}` (run {report['baseline_date']}). A "

@@ -308,7 +308,9 @@ def test_a_resample_interval_ablation_trains_rosa_alone_and_says_how_it_resample
     md = (tmp_path / "ablation" / "glue.md").read_text()
     assert "ROSA resampling every 1000 optimizer steps with a 1-step LR re-warmup" in md
     assert "**ROSA ablation**: resampling every 1000 optimizer steps instead of once per epoch (the chosen " \
-           "ROSA runs took 6 steps; a larger interval never resamples" in md
+           "ROSA runs took 6 steps, so they never resampled and merged their factors once, at the end)." in md
+    ablation["rosa_resample_every"] = 4  # fewer than the runs' 6 steps: they did resample
+    assert "(the chosen ROSA runs took 6 steps)." in bench.markdown(ablation)
     assert "ROSA resampling once per epoch" in (tmp_path / "base" / "glue.md").read_text()
 
     trained.clear()
