@@ -115,6 +115,42 @@ def test_each_lr_is_chosen_on_the_selection_seeds_and_scored_on_the_held_out_one
     assert heldout.main(heldout_args(source_dir, tmp_path))["tasks"] == report["tasks"]
 
 
+@pytest.mark.real_model
+@needs_glue
+def test_a_source_run_that_does_not_reproduce_stops_before_its_runs_are_reused(source, tmp_path):
+    source_dir, source_report = source
+    given = json.loads(json.dumps(source_report))
+    rosa = given["tasks"]["RTE"]
+    rosa["runs"]["rosa"][f"{rosa['chosen']['rosa']['lr']:g}"]["final_score"] += 0.01
+    (tmp_path / "source").mkdir()
+    (tmp_path / "source" / "glue.json").write_text(json.dumps(given))
+    heldout = load_benchmark("glue_heldout")
+    with pytest.raises(RuntimeError, match="cannot be reused"):
+        heldout.main(heldout_args(tmp_path / "source", tmp_path / "out"))
+    assert not (tmp_path / "out" / "heldout.json").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ("missing", "does not exist"),
+    ("partial", "is a partial run"),
+    ("budget", "budget glue_table.py no longer defines"),
+    ("seeds", "--select-seeds must be from 1 to 2"),
+])
+def test_a_source_that_cannot_be_checked_is_refused_before_anything_is_written(tmp_path, monkeypatch, change, message):
+    heldout = load_benchmark("glue_heldout")
+    monkeypatch.setattr(heldout.glue_table, "train", lambda *a: pytest.fail("trained"))
+    budget = json.loads(json.dumps(heldout.glue_table.asdict(heldout.BUDGETS["tiny"])))
+    report = {"complete": change != "partial", "budget_name": "tiny", "seeds": 3,
+              "budget": {**budget, "epochs": 2} if change == "budget" else budget}
+    source = tmp_path / "source"
+    if change != "missing":
+        source.mkdir()
+        (source / "glue.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match=message):
+        heldout.main(heldout_args(source, tmp_path / "out", select_seeds=3 if change == "seeds" else 2))
+    assert not (tmp_path / "out").exists()
+
+
 # The LR that --widen adds past each end of the tiny budget's two-LR grids (written out by hand).
 TINY_ADDED = {"rosa": {"0.0005": "0.00017", "0.0015": "0.0045"}, "lora": {"0.0005": "0.00017", "0.0015": "0.0045"},
               "full": {"3e-05": "9e-06", "0.0001": "0.00033"}}
