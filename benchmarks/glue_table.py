@@ -77,6 +77,9 @@ RUNS = "runs"  # OUT/runs/TASK/: finished runs of tasks not yet in glue.json; a 
 REUSED = ("lora", "full")  # the methods --baseline takes from an earlier report instead of training
 # Settings a --resume or --baseline report must share with this run.
 SHARED_SETTINGS = ("budget_name", "budget", "model", "rank", "seed")
+# The run's variant, which --resume must also share, with the value of reports from before each key existed
+# (they used the split, resampled once per epoch and trained every method).
+VARIANT_DEFAULTS = {"rosa_singular_values": "split", "rosa_resample_every": None, "baseline": None}
 
 
 @dataclass(frozen=True)
@@ -546,11 +549,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def settings_of(report: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    """``keys`` of a report as JSON would give them back; a report older than a key gets its default
-    (reports from before ``--singular-values``, ``--resample-every`` and ``--baseline`` used the split, resampled
-    once per epoch and trained every method)."""
-    defaults = {"rosa_singular_values": "split", "rosa_resample_every": None, "baseline": None}
-    return json.loads(json.dumps({k: report.get(k, defaults.get(k)) for k in keys}))
+    """``keys`` of a report as JSON would give them back; a report older than a key gets its
+    :data:`VARIANT_DEFAULTS` value."""
+    return json.loads(json.dumps({k: report.get(k, VARIANT_DEFAULTS.get(k)) for k in keys}))
 
 
 def previous_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -559,7 +560,7 @@ def previous_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     previous = json.loads(path.read_text())
-    keys = (*SHARED_SETTINGS, "rosa_singular_values", "rosa_resample_every", "baseline")
+    keys = (*SHARED_SETTINGS, *VARIANT_DEFAULTS)
     mine, theirs = settings_of(report, keys), settings_of(previous, keys)
     if mine != theirs:
         raise ValueError(f"--resume: {path} was run with {theirs}, this run is {mine}; drop --resume or change --out")
