@@ -35,6 +35,9 @@ taken to 5 seeds that way one seed at a time, then to 7 with seeds 5 and 6 toget
         --baseline benchmarks/results --out benchmarks/results/glue-ablation-sv-down  # ROSA ablation, ~40 min
     OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 7 --resample-every 1000000 \
         --baseline benchmarks/results --out benchmarks/results/glue-ablation-no-resample  # never resamples
+    OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 4 --budget long \
+        --resample-every 1000000 --baseline benchmarks/results/glue-long \
+        --out benchmarks/results/glue-ablation-no-resample-long              # same at 10 epochs, ~1.5 h
 
 ``--baseline DIR`` trains only ROSA and takes LoRA's and full fine-tuning's runs from ``DIR/glue.json``
 (same budget, model, rank and first seed): a ROSA variant is then paired with the very runs the
@@ -44,6 +47,15 @@ chooses each LR on some seeds and scores it on the others.
 The no-resample ablation (each run's 480 steps keep ROSA's first random subspace, merged once at the
 end) was fixed and committed before it ran, to be reported whatever it shows: a diagnostic of where
 ROSA's gap to LoRA comes from (resampling, or the SVD-slice factors), not a candidate default.
+
+Its long-budget twin was likewise fixed and committed before it ran (session 10): the same ablation
+at ``--budget long`` (1,600 steps on one subspace instead of ten subspaces of 160), seeds 0-3 (four,
+to fit one session; the grid is chosen on seed 0 as always), LoRA and full reused from
+``glue-long``. It asks whether resampling pays for itself once the budget is long enough for the
+accumulated update to use its extra rank, the paper's claim. Read from the paired "rosa - baseline
+rosa" average (no resampling minus per-epoch resampling): an interval above 0 means resampling still
+costs at 10 epochs, below 0 that it pays, one containing 0 that four seeds cannot tell. Reported
+whatever it shows; the library default stays per-epoch resampling either way.
 """
 
 from __future__ import annotations
