@@ -213,10 +213,11 @@ def finished_tasks(out: Path, report: dict[str, Any]) -> dict[str, Any]:
 def run_arguments(args: argparse.Namespace, source: dict[str, Any]) -> argparse.Namespace:
     """What ``glue_table.train`` and ``task_settings`` read, set as the source was run (finished runs
     in ``OUT/runs`` are reused, so a rerun after a crash resumes)."""
-    variant = glue_table.settings_of(source, ("rosa_singular_values", "rosa_resample_every"))
+    variant = glue_table.settings_of(source, ("rosa_singular_values", "rosa_resample_every", "rosa_rewarmup_steps"))
     return argparse.Namespace(
         data_dir=args.data_dir, model=source["model"], rank=source["rank"],
         singular_values=variant["rosa_singular_values"], resample_every=variant["rosa_resample_every"],
+        rewarmup_steps=variant["rosa_rewarmup_steps"],
         out=args.out, resume=True)
 
 

@@ -195,8 +195,8 @@ def test_report_only_rewrites_the_tables_from_glue_json_without_training(tmp_pat
 
 def fake_training(bench, monkeypatch, crash_after: list) -> list[tuple]:
     """Replace the model and data with stand-ins: a run's score is a known function of its method, LR, seed,
-    singular-value placement and resample interval; the run after ``crash_after[0]`` finished ones raises
-    ``KeyboardInterrupt``. Returns the list that collects each finished run's (method, lr, seed)."""
+    singular-value placement, resample interval and re-warmup; the run after ``crash_after[0]`` finished ones
+    raises ``KeyboardInterrupt``. Returns the list that collects each finished run's (method, lr, seed)."""
     monkeypatch.setattr(bench.glue, "load_tokenizer", lambda model: None)
     monkeypatch.setattr(bench.glue, "load_data", lambda settings, tokenizer: type("Data", (), {"sizes": {}})())
     monkeypatch.setattr(bench, "step_time_ab", lambda *a: {})
@@ -209,6 +209,7 @@ def fake_training(bench, monkeypatch, crash_after: list) -> list[tuple]:
         score = {"rosa": 0.6, "lora": 0.5, "full": 0.4}[method] + lr + settings.seed / 100
         score += 0.1 * (method == "rosa" and settings.singular_values == "down")
         score -= 0.01 * (method == "rosa" and settings.resample_every is not None)
+        score -= 0.02 * (method == "rosa" and settings.rewarmup_steps == 0)
         return bench.glue.MethodRun({"final_score": score, "lr": lr, "wall_seconds": 1.0, "steps": 6,
                                      "step_seconds_median": 0.1, "trainable_params": 1}, None)
 
@@ -293,40 +294,62 @@ def test_baseline_reuses_lora_and_full_and_trains_only_rosa(tmp_path, monkeypatc
     assert trained == []
 
 
-def test_a_resample_interval_ablation_trains_rosa_alone_and_says_how_it_resampled(tmp_path, monkeypatch):
+RESAMPLE_ABLATIONS = [  # option, its value, another value, a refused value and its message, report key,
+    # the stand-in's effect on ROSA (x100) and what glue.md must say
+    ("--resample-every", "1000", "500", "0", "--resample-every must be at least 1, got 0", "rosa_resample_every",
+     -1.0, ["ROSA resampling every 1000 optimizer steps with a 1-step LR re-warmup after each resample",
+            "**ROSA ablation**: resampling every 1000 optimizer steps instead of once per epoch (the chosen ROSA "
+            "runs took 6 steps, so they never resampled and merged their factors once, at the end)."]),
+    ("--rewarmup-steps", "0", "2", "-1", "--rewarmup-steps must be at least 0, got -1", "rosa_rewarmup_steps",
+     -2.0, ["ROSA resampling once per epoch with no LR re-warmup after resamples",
+            "**ROSA ablation**: with no LR re-warmup after resamples instead of the budget's 1 steps (Adam's "
+            "state for the new factors is still reset)."]),
+]
+
+
+@pytest.mark.parametrize("option, value, other, refused, message, key, effect, sentences", RESAMPLE_ABLATIONS)
+def test_a_resample_ablation_trains_rosa_alone_and_says_how_it_resampled(
+        tmp_path, monkeypatch, option, value, other, refused, message, key, effect, sentences):
     bench = load_benchmark("glue_table")
     trained = fake_reported_training(bench, monkeypatch)
     base = bench.main(["--tiny", "--tasks", "rte", "--seeds", "2", "--out", str(tmp_path / "base")])
     trained.clear()
-    argv = ["--tiny", "--tasks", "rte", "--seeds", "2", "--resample-every", "1000",
+    argv = ["--tiny", "--tasks", "rte", "--seeds", "2", option, value,
             "--baseline", str(tmp_path / "base"), "--out", str(tmp_path / "ablation")]
     ablation = bench.main(argv)
     assert {method for method, _, _ in trained} == {"rosa"}
-    assert ablation["rosa_resample_every"] == 1000 and base["rosa_resample_every"] is None
-    effect = ablation["paired"]["rosa_minus_baseline_rosa"]["RTE"]["mean"]
-    assert effect == pytest.approx(-1.0)  # the stand-in scores a resample interval 0.01 lower
+    assert ablation[key] == int(value) and base[key] is None
+    assert ablation["paired"]["rosa_minus_baseline_rosa"]["RTE"]["mean"] == pytest.approx(effect)
     md = (tmp_path / "ablation" / "glue.md").read_text()
-    assert "ROSA resampling every 1000 optimizer steps with a 1-step LR re-warmup" in md
-    assert "**ROSA ablation**: resampling every 1000 optimizer steps instead of once per epoch (the chosen " \
-           "ROSA runs took 6 steps, so they never resampled and merged their factors once, at the end)." in md
-    ablation["rosa_resample_every"] = 4  # fewer than the runs' 6 steps: they did resample
-    assert "(the chosen ROSA runs took 6 steps)." in bench.markdown(ablation)
-    assert "ROSA resampling once per epoch" in (tmp_path / "base" / "glue.md").read_text()
+    assert all(sentence in md for sentence in sentences)
+    base_md = (tmp_path / "base" / "glue.md").read_text()
+    assert "ROSA resampling once per epoch with a 1-step LR re-warmup after each resample" in base_md
+    assert "ROSA ablation" not in base_md
 
     trained.clear()
-    other = [arg if arg != "1000" else "500" for arg in argv]
-    with pytest.raises(SystemExit, match="--resume: .* was run with .*'rosa_resample_every': 1000"):
-        bench.main([*other, "--resume"])
-    with pytest.raises(SystemExit, match="--resample-every must be at least 1, got 0"):
-        bench.main([*(arg if arg != "1000" else "0" for arg in argv)])
+    with pytest.raises(SystemExit, match=f"--resume: .* was run with .*'{key}': {value}"):
+        bench.main([*(arg if arg != value else other for arg in argv), "--resume"])
+    with pytest.raises(SystemExit, match=message):
+        bench.main([*(arg if arg != value else refused for arg in argv)])
     assert trained == []
 
 
-def test_the_resample_interval_reaches_every_run(tmp_path):
+def test_the_resample_note_says_never_only_when_the_interval_outlasts_the_runs():
+    bench = load_benchmark("glue_table")
+    report = {"rosa_resample_every": 6, "tasks": {"RTE": {"chosen": {"rosa": {"steps": 6}}}}}
+    assert "so they never resampled" in bench.run_variant_notes(report)[0]
+    report["rosa_resample_every"] = 4  # fewer than the runs' 6 steps: they did resample
+    assert bench.run_variant_notes(report)[0].endswith("(the chosen ROSA runs took 6 steps).")
+
+
+def test_the_resample_settings_reach_every_run():
     bench = load_benchmark("glue_table")
     args = bench.parse_args(["--tiny", "--resample-every", "7"])
     assert bench.task_settings("RTE", bench.BUDGETS["tiny"], args, seed=3).resample_every == 7
     assert bench.task_settings("RTE", bench.BUDGETS["tiny"], bench.parse_args(["--tiny"]), 3).resample_every is None
+    args = bench.parse_args(["--tiny", "--rewarmup-steps", "0"])
+    assert bench.task_settings("RTE", bench.BUDGETS["tiny"], args, seed=3).rewarmup_steps == 0
+    assert bench.task_settings("RTE", bench.BUDGETS["tiny"], bench.parse_args(["--tiny"]), 3).rewarmup_steps == 1
 
 
 @pytest.mark.parametrize("change, message", [

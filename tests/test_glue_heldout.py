@@ -25,6 +25,19 @@ def test_source_scores_hold_the_grid_on_the_first_seed_and_the_chosen_lr_on_ever
         "rosa": {"0.001": {"10": 0.5}, "0.002": {"10": 0.7, "11": 0.6, "12": 0.4}}}
 
 
+@pytest.mark.parametrize("variant, expected", [
+    ({}, ("split", None, 1)),  # a source from before the variant keys: the defaults and the budget's re-warmup
+    ({"rosa_singular_values": "down", "rosa_resample_every": 7, "rosa_rewarmup_steps": 0}, ("down", 7, 0)),
+])
+def test_runs_repeat_the_sources_rosa_variant(variant, expected, tmp_path):
+    heldout, bench = load_benchmark("glue_heldout"), load_benchmark("glue_table")
+    args = heldout.parse_args(["--source", str(tmp_path), "--out", str(tmp_path / "out")])
+    source = {"model": "minilm", "rank": 8, **variant}
+    settings = bench.task_settings("RTE", bench.BUDGETS["tiny"], heldout.run_arguments(args, source), seed=4)
+    assert (settings.singular_values, settings.resample_every, settings.rewarmup_steps) == expected
+    assert (settings.model, settings.rank, settings.seed) == ("minilm", 8, 4)
+
+
 @pytest.mark.parametrize("grid, chosen, expected", [
     (["0.001", "0.0005", "0.002"], "0.002", ["0.0005", "0.001", "0.002", "0.004"]),
     (["0.0005", "0.001", "0.002"], "0.0005", ["0.00025", "0.0005", "0.001", "0.002"]),
