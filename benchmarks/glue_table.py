@@ -39,7 +39,7 @@ taken to 5 seeds that way one seed at a time, then to 7 with seeds 5 and 6 toget
         --resample-every 1000000 --baseline benchmarks/results/glue-long \
         --out benchmarks/results/glue-ablation-no-resample-long              # same at 10 epochs, ~1.5 h
     OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 4 --rewarmup-steps 0 \
-        --baseline benchmarks/results --out benchmarks/results/glue-ablation-no-rewarmup  # ~45 min
+        --baseline benchmarks/results --out benchmarks/results/glue-ablation-no-rewarmup  # ~35 min
 
 ``--baseline DIR`` trains only ROSA and takes LoRA's and full fine-tuning's runs from ``DIR/glue.json``
 (same budget, model, rank and first seed): a ROSA variant is then paired with the very runs the
