@@ -139,15 +139,15 @@ def task_settings(task: str, budget: Budget, args: argparse.Namespace, seed: int
     """The ``rosa glue`` settings of one run; the seed also draws the train and dev subsets."""
     return glue.GlueSettings(
         task=task, data_dir=str(args.data_dir), model=args.model, rank=args.rank, epochs=budget.epochs,
-        batch_size=budget.batch_size, max_length=budget.max_length, rewarmup_steps=rewarmup_steps(budget, args),
+        batch_size=budget.batch_size, max_length=budget.max_length, rewarmup_steps=rewarmup_steps(budget.rewarmup_steps, args.rewarmup_steps),
         seed=seed, max_train_samples=budget.train_samples, max_eval_samples=budget.eval_samples,
         singular_values=args.singular_values, resample_every=args.resample_every,
     )
 
 
-def rewarmup_steps(budget: Budget, args: argparse.Namespace) -> int:
-    """ROSA's LR re-warmup steps after each resample: ``--rewarmup-steps`` if given, else the budget's."""
-    return budget.rewarmup_steps if args.rewarmup_steps is None else args.rewarmup_steps
+def rewarmup_steps(budget_steps: int, option: Optional[int]) -> int:
+    """ROSA's LR re-warmup steps after each resample: ``--rewarmup-steps`` (``option``) if given, else the budget's."""
+    return budget_steps if option is None else option
 
 
 def run_file(out: Path, task: str, method: str, lr: float, seed: int) -> Path:
@@ -493,8 +493,7 @@ def resample_phrase(report: dict[str, Any]) -> str:
 
 def rewarmup_phrase(report: dict[str, Any]) -> str:
     """ROSA's LR re-warmup after each resample, as the run had it."""
-    steps = report.get("rosa_rewarmup_steps")
-    steps = report["budget"]["rewarmup_steps"] if steps is None else steps
+    steps = rewarmup_steps(report["budget"]["rewarmup_steps"], report.get("rosa_rewarmup_steps"))
     return f"with a {steps}-step LR re-warmup after each resample" if steps else "with no LR re-warmup after resamples"
 
 
