@@ -69,6 +69,25 @@ no-resample ablation found into its two parts. Read from the paired "rosa - base
 interval containing 0, four seeds cannot tell. It is set beside the no-resample ablation's paired
 difference on the same seeds 0-3. Reported whatever it shows. (``rosa glue`` and ``RosaCallback``
 already default to no re-warmup; only this benchmark's budgets use 20, and the committed tables keep it.)
+
+Two more runs were fixed and committed before they ran (session 11), each reported whatever it shows:
+
+- The long no-resample ablation taken from seeds 0-3 to seeds 0-6 (``--resume --seeds 7`` on
+  ``glue-ablation-no-resample-long``, commands unchanged otherwise), read by the same rule on seven
+  seeds: its four-seed interval (-0.8 [-1.7, +0.2]) contained 0.
+- Fewer resamples at the default budget: ``--resample-every 320``, seeds 0-3, LoRA and full reused
+  from ``benchmarks/results``: ROSA trains two subspaces (320 steps, then 160) instead of three of
+  160, re-warmup as in the table. Read from the paired "rosa - baseline rosa" average (every 320 steps
+  minus once per epoch): above 0, fewer resamples help at this budget; below 0, they hurt; an
+  interval containing 0, four seeds cannot tell. Set beside no-resampling's paired difference on the
+  same seeds (one subspace; +1.1 [+0.4, +1.8]) to see whether the 3-epoch cost grows with the number
+  of fresh subspaces.
+
+    OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 7 --budget long --resume \
+        --resample-every 1000000 --baseline benchmarks/results/glue-long \
+        --out benchmarks/results/glue-ablation-no-resample-long            # seeds 4-6 added, ~50 min
+    OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 4 --resample-every 320 \
+        --baseline benchmarks/results --out benchmarks/results/glue-ablation-resample-320  # ~35 min
 """
 
 from __future__ import annotations
