@@ -31,6 +31,8 @@ taken to 5 seeds that way one seed at a time, then to 7 with seeds 5 and 6 toget
         --out benchmarks/results/glue-long                          # 3 seeds, ~4 h on 2 cores
     python benchmarks/glue_table.py --tiny --out /tmp/glue-smoke
     python benchmarks/glue_table.py --report-only --out benchmarks/results/glue-long   # table from glue.json
+    python benchmarks/glue_table.py --report-only --from benchmarks/results/glue-ablation-no-resample \
+        --seeds 4 --out benchmarks/results/glue-ablation-no-resample-seeds0-3  # its first 4 seeds alone
     OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 7 --singular-values down \
         --baseline benchmarks/results --out benchmarks/results/glue-ablation-sv-down  # ROSA ablation, ~40 min
     OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 7 --resample-every 1000000 \
@@ -152,6 +154,7 @@ BUDGETS = {
 # The ROSA vs LoRA step-time comparison: steps per method, and tokens per example of its batch.
 TIMING_STEPS = {"tiny": 2, "default": 20, "long": 20}
 TIMING_TOKENS = 64
+DEFAULT_SEEDS = 3
 
 
 def task_settings(task: str, budget: Budget, args: argparse.Namespace, seed: int) -> glue.GlueSettings:
@@ -517,8 +520,8 @@ def rewarmup_phrase(report: dict[str, Any]) -> str:
 
 
 def run_variant_notes(report: dict[str, Any]) -> list[str]:
-    """Sentences for a ROSA ablation (``--singular-values``, ``--resample-every``, ``--rewarmup-steps``) and for
-    LoRA and full runs reused from ``--baseline``."""
+    """Sentences for a ROSA ablation (``--singular-values``, ``--resample-every``, ``--rewarmup-steps``), for
+    LoRA and full runs reused from ``--baseline`` and for a report cut to its first seeds."""
     notes = []
     placement = report.get("rosa_singular_values", "split")
     if placement != "split":
@@ -538,6 +541,11 @@ def run_variant_notes(report: dict[str, Any]) -> list[str]:
                      f"and seed scores are reused from `{report['baseline']}` (run {report['baseline_date']}). A "
                      "seed fixes every method's subsets, head init and data order, so the pairs stay valid; the total "
                      "wall time is ROSA's alone. `baseline rosa` in the paired table is that report's ROSA.")
+    cut = report.get("first_seeds_of")
+    if cut:
+        notes.append(f"**The first {report['seeds']} of the {cut['seeds']} seeds** of `{cut['report']}` (rendered by "
+                     f"`--report-only --seeds {report['seeds']}`); nothing was trained for it, and the total wall time "
+                     "is that whole run's.")
     return notes
 
 
@@ -581,9 +589,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, default=3,
+    parser.add_argument("--seeds", type=int, default=None,
                         help="each method's chosen LR is rerun until it has this many seeds; the table shows "
-                             "their mean and spread (default: %(default)s)")
+                             f"their mean and spread (default: {DEFAULT_SEEDS}); with --report-only, report "
+                             "only the first SEEDS of them")
     parser.add_argument("--workers", type=int, default=1,
                         help="tasks trained at once, each in its own process (at most the CPU cores; "
                              "with OMP_NUM_THREADS=1 each)")
@@ -606,7 +615,13 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: rewrite OUT/glue.md (and the derived fields of OUT/glue.json) "
                              "from OUT/glue.json")
-    return parser.parse_args(argv)
+    parser.add_argument("--from", dest="source", type=Path,
+                        help="with --report-only: read SOURCE/glue.json instead, e.g. to report its first "
+                             "--seeds seeds in another --out folder")
+    args = parser.parse_args(argv)
+    if args.seeds is None and not args.report_only:
+        args.seeds = DEFAULT_SEEDS
+    return args
 
 
 def settings_of(report: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -651,13 +666,37 @@ def load_baseline(directory: Path, report: dict[str, Any]) -> dict[str, Any]:
     return baseline
 
 
-def rewrite_report(out: Path) -> dict[str, Any]:
+def first_seeds(report: dict[str, Any], count: int, source: Path) -> dict[str, Any]:
+    """``report`` (read from ``source``) cut to its first ``count`` seeds: every method's seed scores and the
+    ``--baseline`` ROSA's; ``ValueError`` if a task has fewer."""
+    have = min(len(seed_scores(r, m)) for r in report["tasks"].values() for m in METHODS)
+    if count > have:
+        raise ValueError(f"--seeds {count}: {source / 'glue.json'} has {have} seeds of every method and task; "
+                         f"pass --seeds {have} or fewer")
+    tasks = {t: {**r, "seeds": {m: s[:count] for m, s in r.get("seeds", {}).items()}} for t, r in report["tasks"].items()}
+    cut = {**report, "tasks": tasks, "seeds": count, "first_seeds_of": {"report": str(source), "seeds": have}}
+    if "baseline_rosa_seeds" in report:
+        cut["baseline_rosa_seeds"] = {t: s[:count] for t, s in report["baseline_rosa_seeds"].items()}
+    return cut
+
+
+def rewrite_report(out: Path, source: Optional[Path] = None, seeds: Optional[int] = None) -> dict[str, Any]:
     """``out/glue.md`` and the averages, targets and paired differences of ``out/glue.json``, recomputed from
-    the runs that ``out/glue.json`` holds."""
-    path = out / "glue.json"
+    the runs that ``source/glue.json`` (default ``out``'s) holds, or from its first ``seeds`` seeds."""
+    source = source or out
+    path = source / "glue.json"
     if not path.is_file():
-        raise SystemExit(f"glue_table: --report-only needs {path}; run the benchmark with --out {out} first")
+        raise SystemExit(f"glue_table: --report-only needs {path}; run the benchmark with --out {source} first")
     report = json.loads(path.read_text())
+    if seeds is not None:
+        if source.resolve() == out.resolve():
+            raise SystemExit(f"glue_table: --report-only --seeds {seeds} would drop seeds from {path}; write the "
+                             f"cut report to another folder: --from {source} --out NEW_FOLDER")
+        try:
+            report = first_seeds(report, seeds, source)
+        except ValueError as err:
+            raise SystemExit(f"glue_table: {err}") from None
+    out.mkdir(parents=True, exist_ok=True)
     write_report(report, out)
     print(markdown(report))
     return report
@@ -672,7 +711,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.rewarmup_steps is not None and args.rewarmup_steps < 0:
         raise SystemExit(f"glue_table: --rewarmup-steps must be at least 0, got {args.rewarmup_steps}")
     if args.report_only:
-        return rewrite_report(args.out)
+        return rewrite_report(args.out, args.source, args.seeds)
+    if args.source is not None:
+        raise SystemExit("glue_table: --from only goes with --report-only (it names the report to rewrite)")
     task_list = [get_task_spec(t).name for t in args.tasks]
     name = args.budget
     report: dict[str, Any] = {

@@ -193,6 +193,46 @@ def test_report_only_rewrites_the_tables_from_glue_json_without_training(tmp_pat
     assert json.loads((tmp_path / "glue.json").read_text())["targets"] == report["targets"]
 
 
+def test_report_only_with_seeds_reports_the_first_seeds_of_another_report(tmp_path, monkeypatch):
+    bench = load_benchmark("glue_table")
+    source = REPO / "benchmarks" / "results" / "glue-ablation-no-resample"
+    original = (source / "glue.json").read_bytes()
+    committed = json.loads(original)
+    assert committed["seeds"] == 7 and committed["baseline_rosa_seeds"]
+    monkeypatch.setattr(bench, "run_tasks", lambda *a: pytest.fail("--report-only must not train"))
+    out = tmp_path / "first4"
+    report = bench.main(["--report-only", "--from", str(source), "--seeds", "4", "--out", str(out)])
+
+    tasks = committed["tasks"]
+    def first4(method: str) -> list[float]:  # per-seed average over tasks of the first four seeds
+        return [sum(t["seeds"][method][i] for t in tasks.values()) / len(tasks) for i in range(4)]
+    baseline = [sum(s[i] for s in committed["baseline_rosa_seeds"].values()) / len(tasks) for i in range(4)]
+    for name, other in (("rosa_minus_lora", first4("lora")), ("rosa_minus_baseline_rosa", baseline)):
+        expected = bench.paired_difference(first4("rosa"), other)
+        assert report["paired"][name]["average"]["seeds"] == 4
+        assert report["paired"][name]["average"]["mean"] == pytest.approx(expected["mean"])
+        assert report["paired"][name]["average"]["ci95"] == pytest.approx(expected["ci95"])
+    assert report["seeds"] == 4 and all(len(s) == 4 for t in report["tasks"].values() for s in t["seeds"].values())
+    assert report["average"]["full"] == pytest.approx(sum(sum(t["seeds"]["full"][:4]) / 4 for t in tasks.values()) / 4)
+    md = (out / "glue.md").read_text()
+    assert f"**The first 4 of the 7 seeds** of `{source}`" in md and "over 4 seed(s)" in md
+    assert json.loads((out / "glue.json").read_text())["first_seeds_of"] == {"report": str(source), "seeds": 7}
+    assert (source / "glue.json").read_bytes() == original
+
+    # Refused, with nothing written: cutting a report in place, more seeds than it has, --from without --report-only.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "glue.json").write_bytes(original)
+    with pytest.raises(SystemExit, match=r"would drop seeds from .*; write the cut report to another folder"):
+        bench.main(["--report-only", "--seeds", "4", "--out", str(copy)])
+    with pytest.raises(SystemExit, match=r"--seeds 8: .* has 7 seeds of every method and task; pass --seeds 7 or fewer"):
+        bench.main(["--report-only", "--from", str(copy), "--seeds", "8", "--out", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="--from only goes with --report-only"):
+        bench.main(["--tiny", "--from", str(copy), "--out", str(tmp_path / "none")])
+    assert sorted(p.name for p in copy.iterdir()) == ["glue.json"] and (copy / "glue.json").read_bytes() == original
+    assert not (tmp_path / "none").exists()
+
+
 def fake_training(bench, monkeypatch, crash_after: list) -> list[tuple]:
     """Replace the model and data with stand-ins: a run's score is a known function of its method, LR, seed,
     singular-value placement, resample interval and re-warmup; the run after ``crash_after[0]`` finished ones
