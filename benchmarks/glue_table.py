@@ -90,6 +90,12 @@ Two more runs were fixed and committed before they ran (session 11), each report
         --out benchmarks/results/glue-ablation-no-resample-long            # seeds 4-6 added, ~50 min
     OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 4 --resample-every 320 \
         --baseline benchmarks/results --out benchmarks/results/glue-ablation-resample-320  # ~35 min
+
+Also fixed before either ran (session 11, while the resample-320 run was on its first seeds): both
+3-epoch four-seed ablations are then taken to seven seeds, whatever the four seeds show, like every
+3-epoch table (``--resume --seeds 7``, same commands otherwise; ~20 min each): first
+``glue-ablation-resample-320``, then ``glue-ablation-no-rewarmup``. Read by the same rules on seven
+seeds; the four-seed reports stay reproducible with ``--report-only --seeds 4``.
 """
 
 from __future__ import annotations
