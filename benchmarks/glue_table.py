@@ -620,7 +620,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                              "compare a ROSA ablation with the same LoRA and full runs")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: rewrite OUT/glue.md (and the derived fields of OUT/glue.json) "
-                             "from OUT/glue.json")
+                             "from OUT/glue.json, or from --from's")
     parser.add_argument("--from", dest="source", type=Path,
                         help="with --report-only: read SOURCE/glue.json instead, e.g. to report its first "
                              "--seeds seeds in another --out folder")
@@ -687,8 +687,8 @@ def first_seeds(report: dict[str, Any], count: int, source: Path) -> dict[str, A
 
 
 def rewrite_report(out: Path, source: Optional[Path] = None, seeds: Optional[int] = None) -> dict[str, Any]:
-    """``out/glue.md`` and the averages, targets and paired differences of ``out/glue.json``, recomputed from
-    the runs that ``source/glue.json`` (default ``out``'s) holds, or from its first ``seeds`` seeds."""
+    """``out/glue.md`` and ``out/glue.json`` with the averages, targets and paired differences recomputed from
+    the runs that ``source/glue.json`` (default ``out``'s) holds, or from their first ``seeds`` seeds."""
     source = source or out
     path = source / "glue.json"
     if not path.is_file():
