@@ -167,7 +167,8 @@ def task_settings(task: str, budget: Budget, args: argparse.Namespace, seed: int
     """The ``rosa glue`` settings of one run; the seed also draws the train and dev subsets."""
     return glue.GlueSettings(
         task=task, data_dir=str(args.data_dir), model=args.model, rank=args.rank, epochs=budget.epochs,
-        batch_size=budget.batch_size, max_length=budget.max_length, rewarmup_steps=rewarmup_steps(budget.rewarmup_steps, args.rewarmup_steps),
+        batch_size=budget.batch_size, max_length=budget.max_length,
+        rewarmup_steps=rewarmup_steps(budget.rewarmup_steps, args.rewarmup_steps),
         seed=seed, max_train_samples=budget.train_samples, max_eval_samples=budget.eval_samples,
         singular_values=args.singular_values, resample_every=args.resample_every,
     )
