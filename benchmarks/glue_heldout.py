@@ -37,6 +37,23 @@ over the widened grid; all of ``PREVIOUS``'s runs are reused. The committed
 with its protocol fixed and committed with this option before it ran: one widening, of the nine ends
 chosen in ``glue-heldout`` (ROSA on CoLA, RTE, STS-B; LoRA on CoLA, RTE; full fine-tuning on all four
 tasks), each added LR trained on seeds 0 to 2, reported whatever it shows.
+
+``--baseline PREVIOUS`` checks a ROSA ablation (a ``glue_table.py --baseline`` report, which reused LoRA's and
+full fine-tuning's runs from another table): ``PREVIOUS`` is the finished check of that other table, with the
+same seeds. Only ROSA is chosen and trained here; LoRA's and full fine-tuning's grids, choices and held-out
+scores are ``PREVIOUS``'s (the runs are the same runs: every score the two hold in common must agree), and
+the paired table adds ROSA minus ``PREVIOUS``'s held-out ROSA, the ablation's effect under a held-out choice.
+The committed ``benchmarks/results/glue-heldout-no-resample`` is ::
+
+    OMP_NUM_THREADS=1 python benchmarks/glue_heldout.py --workers 2 --select-seeds 3 \\
+        --source benchmarks/results/glue-ablation-no-resample --baseline benchmarks/results/glue-heldout \\
+        --out benchmarks/results/glue-heldout-no-resample
+
+Its protocol was fixed and committed with this option before it ran. Question: does never resampling beat
+resampling once per epoch at the 3-epoch budget (+0.9 [+0.4, +1.5] in ``glue-ablation-no-resample``, where
+each ROSA's LR was chosen on seed 0 and scored on seeds 0 to 6) when each ROSA's LR is chosen on seeds 0 to
+2 and scored on seeds 3 to 6? Read from the paired "rosa - baseline rosa" average on the held-out seeds;
+ROSA minus LoRA there is read too. Reported whatever it shows (about 50 min with two workers).
 """
 
 from __future__ import annotations
@@ -135,27 +152,35 @@ def check_reproduction(task: str, source: dict[str, Any], seed: int, budget: Bud
 
 
 def run_task(task: str, source: dict[str, Any], select: list[int], held_out: list[int], budget: Budget,
-             args: argparse.Namespace, previous: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+             args: argparse.Namespace, previous: Optional[dict[str, Any]] = None,
+             reused: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Choose each method's LR on the ``select`` seeds (the source's first seeds) and score it on the
     ``held_out`` ones, for one task; over the source's grid, or the grid of ``previous`` (this task's
-    result in an earlier check) widened past the ends it chose."""
+    result in an earlier check) widened past the ends it chose. With ``reused`` (this task's result in
+    the ``--baseline`` check) only ROSA is chosen; LoRA and full are taken from it."""
     reproduced = check_reproduction(task, source, select[0], budget, args)
     scores = source_scores(source, select[0])
     grid = grid_keys(budget.lr_grid)
     if previous is not None:
         scores = merged(scores, previous["scores"])
         grid = {m: widened(previous.get("grid", grid)[m], previous["chosen_lr"][m]) for m in METHODS}
-    trained = train_missing(task, [(m, lr, s) for s in select for m in METHODS for lr in grid[m]], scores, budget, args)
+    methods = [m for m in METHODS if reused is None or m not in glue_table.REUSED]
+    trained = train_missing(task, [(m, lr, s) for s in select for m in methods for lr in grid[m]], scores, budget, args)
     selection_means = {m: {lr: statistics.fmean(scores[m][lr][str(s)] for s in select) for lr in grid[m]}
-                       for m in METHODS}
-    chosen = {m: max(grid[m], key=selection_means[m].__getitem__) for m in METHODS}
-    trained += train_missing(task, [(m, chosen[m], s) for s in held_out for m in METHODS], scores, budget, args)
-    return {
+                       for m in methods}
+    chosen = {m: max(grid[m], key=selection_means[m].__getitem__) for m in methods}
+    trained += train_missing(task, [(m, chosen[m], s) for s in held_out for m in methods], scores, budget, args)
+    result = {
         "grid": grid, "chosen_lr": chosen,
         "source_chosen_lr": {m: f"{source['chosen'][m]['lr']:g}" for m in METHODS}, "selection_means": selection_means,
-        "seeds": {m: [scores[m][chosen[m]][str(s)] for s in held_out] for m in METHODS},
+        "seeds": {m: [scores[m][chosen[m]][str(s)] for s in held_out] for m in methods},
         "scores": scores, "trained_runs": trained, "reproduced": reproduced,
     }
+    if reused is not None:
+        taken = {"grid": reused.get("grid", grid),  # checks before --widen kept no grid
+                 **{k: reused[k] for k in ("chosen_lr", "selection_means", "seeds", "scores")}}
+        result |= {k: {m: (taken[k] if m in glue_table.REUSED else result[k])[m] for m in METHODS} for k in taken}
+    return result
 
 
 def source_seconds(result: dict[str, Any]) -> float:
@@ -181,21 +206,54 @@ def load_source(directory: Path, select_seeds: int) -> tuple[dict[str, Any], Bud
     return source, budget
 
 
+def load_check(directory: Path, report: dict[str, Any], option: str) -> dict[str, Any]:
+    """The finished check in ``directory`` (its ``heldout.json``) of the same tasks as ``report``; ``ValueError``
+    naming ``option`` otherwise."""
+    path = directory / "heldout.json"
+    if not path.is_file():
+        raise ValueError(f"{option}: {path} does not exist; pass the --out folder of a finished glue_heldout.py run")
+    previous = json.loads(path.read_text())
+    if not previous.get("complete") or list(previous["tasks"]) != report["task_list"]:
+        raise ValueError(f"{option}: {path} is a partial run; finish it first")
+    return previous
+
+
 def load_widened(directory: Path, report: dict[str, Any], out: Path) -> dict[str, Any]:
     """The tasks of the finished check in ``directory`` that ``--widen`` widens; ``ValueError`` unless it
     is a finished check of the same source and seeds, kept apart from ``out``."""
-    path = directory / "heldout.json"
-    if not path.is_file():
-        raise ValueError(f"--widen: {path} does not exist; pass the --out folder of a finished glue_heldout.py run")
     if directory.resolve() == out.resolve():
         raise ValueError(f"--widen: {directory} is also --out; write the widened check to another folder")
-    previous = json.loads(path.read_text())
-    if not previous.get("complete") or list(previous["tasks"]) != report["task_list"]:
-        raise ValueError(f"--widen: {path} is a partial run; finish it first")
+    previous = load_check(directory, report, "--widen")
     differ = [key for key in ("source", "select_seeds", "held_out_seeds") if previous[key] != report[key]]
     if differ:
-        raise ValueError(f"--widen: {path} checked another source table or seeds ({', '.join(differ)} differ); "
-                         "pass the --source and --select-seeds it was run with")
+        raise ValueError(f"--widen: {directory / 'heldout.json'} checked another source table or seeds "
+                         f"({', '.join(differ)} differ); pass the --source and --select-seeds it was run with")
+    return previous["tasks"]
+
+
+def load_baseline(directory: Path, report: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+    """The tasks of the finished check in ``directory`` that ``--baseline`` takes LoRA and full from;
+    ``ValueError`` unless ``source`` is a ROSA ablation whose LoRA and full runs are the ones that check
+    scored, with the same budget and seeds."""
+    if not source.get("baseline"):
+        raise ValueError("--baseline: --source trained its own LoRA and full runs; --baseline is for a ROSA "
+                         "ablation made with glue_table.py --baseline, whose other table that check checked")
+    previous = load_check(directory, report, "--baseline")
+    path = directory / "heldout.json"
+    differ = [key for key in ("select_seeds", "held_out_seeds") if previous[key] != report[key]]
+    differ += [key for key in ("budget_name", "budget", "model", "rank", "seed", "seeds")
+               if previous["source"][key] != report["source"][key]]
+    if differ:
+        raise ValueError(f"--baseline: {path} checked another budget or seeds ({', '.join(differ)} differ); pass "
+                         f"the check of {source['baseline']} with --select-seeds {len(report['select_seeds'])}")
+    for task, result in previous["tasks"].items():
+        ours = source_scores(source["tasks"][task], report["select_seeds"][0])
+        for method, lr, seed, score in ((m, lr, s, x) for m in glue_table.REUSED for lr, by_seed in ours[m].items()
+                                        for s, x in by_seed.items()):
+            theirs = result["scores"][method].get(lr, {}).get(seed, score)
+            if theirs != score:
+                raise ValueError(f"--baseline: {path} scored {method} on {task} at lr {lr}, seed {seed} {theirs}, the "
+                                 f"source {score}: not the runs the source reused; pass the check of {source['baseline']}")
     return previous["tasks"]
 
 
@@ -204,7 +262,8 @@ def finished_tasks(out: Path, report: dict[str, Any]) -> dict[str, Any]:
     ``out/heldout.json``."""
     path = out / "heldout.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    if any(previous.get(k) != report[k] for k in ("source", "select_seeds", "held_out_seeds", "widen_dir")):
+    if any(previous.get(k) != report[k] for k in ("source", "select_seeds", "held_out_seeds", "widen_dir",
+                                                  "baseline_dir")):
         return {}
     print(f"glue_heldout: keeping {', '.join(previous['tasks']) or 'no tasks'} from {path}", flush=True)
     return previous["tasks"]
@@ -213,12 +272,31 @@ def finished_tasks(out: Path, report: dict[str, Any]) -> dict[str, Any]:
 def run_arguments(args: argparse.Namespace, source: dict[str, Any]) -> argparse.Namespace:
     """What ``glue_table.train`` and ``task_settings`` read, set as the source was run (finished runs
     in ``OUT/runs`` are reused, so a rerun after a crash resumes)."""
-    variant = glue_table.settings_of(source, ("rosa_singular_values", "rosa_resample_every", "rosa_rewarmup_steps"))
+    variant = rosa_variant(source)
     return argparse.Namespace(
         data_dir=args.data_dir, model=source["model"], rank=source["rank"],
         singular_values=variant["rosa_singular_values"], resample_every=variant["rosa_resample_every"],
         rewarmup_steps=variant["rosa_rewarmup_steps"],
         out=args.out, resume=True)
+
+
+def rosa_variant(source: dict[str, Any]) -> dict[str, Any]:
+    """How the source ran ROSA: its ``--singular-values``, ``--resample-every`` and ``--rewarmup-steps``."""
+    return glue_table.settings_of(source, ("rosa_singular_values", "rosa_resample_every", "rosa_rewarmup_steps"))
+
+
+def variant_note(report: dict[str, Any]) -> list[str]:
+    """A sentence on the source's ROSA ablation, if it ran one, and on LoRA and full taken from ``--baseline``."""
+    variant = {"budget": report["source"]["budget"], **report["rosa_variant"]}
+    notes = []
+    if any(variant[k] != v for k, v in glue_table.VARIANT_DEFAULTS.items() if k.startswith("rosa_")):
+        notes.append(f"**ROSA ablation** (as the source ran it): singular values `{variant['rosa_singular_values']}`, "
+                     f"resampling {glue_table.resample_phrase(variant)}, {glue_table.rewarmup_phrase(variant)}.")
+    if report.get("baseline_dir"):
+        notes.append(f"**LoRA and full fine-tuning were not chosen or trained in this check**: their grids, choices and "
+                     f"held-out scores are those of the check in `{report['baseline_dir']}`, whose source's runs this "
+                     "source reused. `baseline rosa` in the paired table is that check's held-out ROSA.")
+    return ["", " ".join(notes)] if notes else []
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -251,8 +329,9 @@ def markdown(report: dict[str, Any]) -> str:
            else "unchanged") + f". This run: {machine['date']} on "
         f"{machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, total wall time "
         f"{report['total_seconds'] / 60:.0f} min; {sum(t['trained_runs'] for t in tasks.values())} runs trained, "
-        f"the others reused from the source{' and that check' if report.get('widen_dir') else ''} after each "
+        f"the others reused from the source{reused_from(report)} after each "
         f"task's check rerun of its ROSA seed-{select[0]} run (largest score difference {largest:.1g}).",
+        *variant_note(report),
         "",
         f"Dev scores x100 on the held-out {glue_table.seed_range(held_out[0], len(held_out))} (mean ± standard "
         "deviation) at each method's chosen learning rate:",
@@ -282,6 +361,13 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reused_from(report: dict[str, Any]) -> str:
+    """Where else the check's untrained runs came from: the widened check or the ``--baseline`` one."""
+    if report.get("widen_dir"):
+        return " and that check"
+    return " and the `--baseline` check" if report.get("baseline_dir") else ""
+
+
 def bold_if(condition: bool, text: str) -> str:
     """``text`` in markdown bold when ``condition`` holds."""
     return f"**{text}**" if condition else text
@@ -291,7 +377,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     """Write ``heldout.json`` and ``heldout.md`` for the tasks finished so far."""
     tasks = report["tasks"]
     report["average"] = glue_table.averages(tasks) if tasks else {}
-    report["paired"] = glue_table.paired_comparisons(tasks) if tasks else {}
+    report["paired"] = glue_table.paired_comparisons(tasks, report.get("baseline_rosa_seeds")) if tasks else {}
     report["targets"] = glue_table.target_checks(tasks, report["source"]["step_time"]) if tasks else {}
     write_json(out / "heldout.json", report)
     (out / "heldout.md").write_text(markdown(report))
@@ -310,6 +396,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--widen", type=Path, default=None,
                         help="folder of a finished glue_heldout.py run of the same source and seeds: add one LR "
                              "past each end of the grid it chose, train it and choose again")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="for a --source that is a ROSA ablation (glue_table.py --baseline): folder of the finished "
+                             "check of the table it reused LoRA and full from; only ROSA is chosen and trained")
     parser.add_argument("--workers", type=int, default=1,
                         help="tasks trained at once, each in its own process (at most the CPU cores; "
                              "with OMP_NUM_THREADS=1 each)")
@@ -333,19 +422,25 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "select_seeds": list(range(first, first + args.select_seeds)),
         "held_out_seeds": list(range(first + args.select_seeds, first + source["seeds"])),
         "task_list": list(source["tasks"]), "workers": args.workers, "machine": machine_info(),
-        "widen_dir": args.widen and str(args.widen), "tasks": {}, "complete": False, "total_seconds": 0.0,
+        "widen_dir": args.widen and str(args.widen), "baseline_dir": args.baseline and str(args.baseline),
+        "rosa_variant": rosa_variant(source), "tasks": {}, "complete": False, "total_seconds": 0.0,
     }
+    if args.widen and args.baseline:
+        raise SystemExit("glue_heldout: --widen and --baseline cannot be combined; run the check first, then widen it")
     try:
         previous = load_widened(args.widen, report, args.out) if args.widen else {}
+        reused = load_baseline(args.baseline, report, source) if args.baseline else {}
     except ValueError as err:
         raise SystemExit(f"glue_heldout: {err}") from None
+    if reused:
+        report["baseline_rosa_seeds"] = {t: result["seeds"]["rosa"] for t, result in reused.items()}
     report["tasks"] = finished_tasks(args.out, report)
     run_args = run_arguments(args, source)
     start = time.perf_counter()
     todo = sorted((t for t in report["task_list"] if t not in report["tasks"]),
                   key=lambda t: -source_seconds(source["tasks"][t]))  # the longest first, for the workers' sake
     jobs = {t: (t, source["tasks"][t], report["select_seeds"], report["held_out_seeds"], budget, run_args,
-                previous.get(t)) for t in todo}
+                previous.get(t), reused.get(t)) for t in todo}
     glue_table.record_tasks(glue_table.in_workers(run_task, jobs, args.workers), report, start, args.out, write_report)
     return glue_table.finish(report, start, args.out, write_report, markdown)
 

@@ -227,3 +227,71 @@ def test_a_check_that_cannot_be_widened_is_refused_before_anything_is_written(so
         heldout.main(heldout_args(source[0], out) + ["--widen", str(previous)])
     assert not (tmp_path / "out").exists()
     assert change == "missing" or (previous / "heldout.json").read_text() == kept
+
+
+@pytest.fixture(scope="module")
+def ablation(source, tmp_path_factory):
+    """A tiny ROSA ablation of ``source`` (never resamples; LoRA and full reused from it): folder and report."""
+    out = tmp_path_factory.mktemp("heldout") / "ablation"
+    report = load_benchmark("glue_table").main(["--tiny", "--tasks", "rte", "--seeds", "3", "--resample-every", "1000000",
+                                                "--baseline", str(source[0]), "--data-dir", str(GLUE_DIR),
+                                                "--out", str(out)])
+    return out, report
+
+
+@pytest.mark.real_model
+@needs_glue
+def test_baseline_chooses_only_rosa_and_takes_lora_and_full_from_the_check_of_the_reused_table(
+        checked, ablation, tmp_path, monkeypatch):
+    (checked_dir, before), (ablation_dir, ablated) = checked, ablation
+    heldout = load_benchmark("glue_heldout")
+    trained, train = [], heldout.glue_table.train
+    monkeypatch.setattr(heldout.glue_table, "train", lambda method, *a: trained.append(method) or train(method, *a))
+    report = heldout.main(heldout_args(ablation_dir, tmp_path) + ["--baseline", str(checked_dir)])
+    assert report["complete"] and report["baseline_dir"] == str(checked_dir) and set(trained) == {"rosa"}
+    task, previous, given = report["tasks"]["RTE"], before["tasks"]["RTE"], ablated["tasks"]["RTE"]
+    for method in ("lora", "full"):  # taken as the baseline check had them
+        assert all(task[k][method] == previous[k][method] for k in ("chosen_lr", "selection_means", "seeds", "scores"))
+    lrs = [f"{lr:g}" for lr in heldout.BUDGETS["tiny"].lr_grid["rosa"]]
+    scores, source_lr = task["scores"]["rosa"], f"{given['chosen']['rosa']['lr']:g}"
+    assert [scores[source_lr][str(s)] for s in range(3)] == given["seeds"]["rosa"]  # the ablation's runs, reused
+    means = [statistics.fmean([scores[lr]["0"], scores[lr]["1"]]) for lr in lrs]
+    assert task["chosen_lr"]["rosa"] == lrs[means.index(max(means))]
+    assert task["seeds"]["rosa"] == [scores[task["chosen_lr"]["rosa"]]["2"]]
+    # The reproduction rerun, the other LR on seed 1, and seed 2 of a new choice: ROSA runs only.
+    assert len(trained) == 1 + task["trained_runs"] == 1 + len(lrs) - 1 + (task["chosen_lr"]["rosa"] != source_lr)
+    assert report["paired"]["rosa_minus_baseline_rosa"]["RTE"]["mean"] == pytest.approx(
+        100 * (task["seeds"]["rosa"][0] - previous["seeds"]["rosa"][0]))
+    md = (tmp_path / "heldout.md").read_text()
+    assert "**ROSA ablation** (as the source ran it): singular values `split`, resampling every 1000000" in md
+    assert f"are those of the check in `{checked_dir}`" in md and "| rosa - baseline rosa |" in md
+
+
+@pytest.mark.real_model
+@needs_glue
+@pytest.mark.parametrize("change, message", [
+    ("not an ablation", "--source trained its own LoRA and full runs"),
+    ("with widen", "--widen and --baseline cannot be combined"),
+    ("missing", "does not exist"),
+    ("seeds", r"checked another budget or seeds \(select_seeds, held_out_seeds differ\)"),
+    ("other runs", "scored lora on RTE at lr .* not the runs the source reused"),
+])
+def test_a_baseline_check_that_does_not_fit_is_refused_before_anything_is_written(source, checked, ablation, tmp_path,
+                                                                                  monkeypatch, change, message):
+    heldout = load_benchmark("glue_heldout")
+    monkeypatch.setattr(heldout.glue_table, "train", lambda *a: pytest.fail("trained"))
+    report = json.loads((checked[0] / "heldout.json").read_text())
+    if change == "seeds":
+        report["select_seeds"], report["held_out_seeds"] = [0], [1, 2]
+    if change == "other runs":
+        lora = report["tasks"]["RTE"]["scores"]["lora"]
+        lora[next(iter(lora))]["0"] += 0.01
+    previous = tmp_path / "previous"
+    if change != "missing":
+        previous.mkdir()
+        (previous / "heldout.json").write_text(json.dumps(report))
+    args = heldout_args(source[0] if change == "not an ablation" else ablation[0], tmp_path / "out")
+    args += ["--baseline", str(previous)] + (["--widen", str(checked[0])] if change == "with widen" else [])
+    with pytest.raises(SystemExit, match=message):
+        heldout.main(args)
+    assert not (tmp_path / "out").exists()
