@@ -373,14 +373,16 @@ def bold_if(condition: bool, text: str) -> str:
     return f"**{text}**" if condition else text
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
-    """Write ``heldout.json`` and ``heldout.md`` for the tasks finished so far."""
+def write_report(report: dict[str, Any], out: Path) -> str:
+    """Write ``heldout.json`` and ``heldout.md`` for the tasks finished so far; returns the markdown."""
     tasks = report["tasks"]
     report["average"] = glue_table.averages(tasks) if tasks else {}
     report["paired"] = glue_table.paired_comparisons(tasks, report.get("baseline_rosa_seeds")) if tasks else {}
     report["targets"] = glue_table.target_checks(tasks, report["source"]["step_time"]) if tasks else {}
     write_json(out / "heldout.json", report)
-    (out / "heldout.md").write_text(markdown(report))
+    text = markdown(report)
+    (out / "heldout.md").write_text(text)
+    return text
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -442,7 +444,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     jobs = {t: (t, source["tasks"][t], report["select_seeds"], report["held_out_seeds"], budget, run_args,
                 previous.get(t), reused.get(t)) for t in todo}
     glue_table.record_tasks(glue_table.in_workers(run_task, jobs, args.workers), report, start, args.out, write_report)
-    return glue_table.finish(report, start, args.out, write_report, markdown)
+    return glue_table.finish(report, start, args.out, write_report)
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ def read_saved_run(path: Path) -> dict[str, Any]:
 
 
 def record_tasks(results: Iterator[tuple[str, dict[str, Any]]], report: dict[str, Any], start: float, out: Path,
-                 write: Callable[[dict[str, Any], Path], None]) -> None:
+                 write: Callable[[dict[str, Any], Path], str]) -> None:
     """Put each ``(task, result)`` into ``report["tasks"]`` (in ``report["task_list"]`` order) as it finishes,
     ``write`` the report, then forget the task's saved runs."""
     for task, result in results:
@@ -223,13 +223,12 @@ def record_tasks(results: Iterator[tuple[str, dict[str, Any]]], report: dict[str
         forget_runs(out, task)
 
 
-def finish(report: dict[str, Any], start: float, out: Path, write: Callable[[dict[str, Any], Path], None],
-           render: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
-    """Mark ``report`` complete, ``write`` it and print it as ``render`` makes it markdown; returns it."""
+def finish(report: dict[str, Any], start: float, out: Path, write: Callable[[dict[str, Any], Path], str],
+           ) -> dict[str, Any]:
+    """Mark ``report`` complete, ``write`` it and print the markdown it wrote; returns it."""
     report["complete"] = True
     report["total_seconds"] = time.perf_counter() - start
-    write(report, out)
-    print(render(report))
+    print(write(report, out))
     return report
 
 
@@ -574,14 +573,16 @@ def mean_and_spread(scores: list[float]) -> str:
     return f"{100 * statistics.fmean(scores):.1f} ± {100 * statistics.stdev(scores):.1f}"
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
-    """Write ``glue.json`` and ``glue.md`` for the tasks finished so far."""
+def write_report(report: dict[str, Any], out: Path) -> str:
+    """Write ``glue.json`` and ``glue.md`` for the tasks finished so far; returns the markdown."""
     tasks = report["tasks"]
     report["average"] = averages(tasks) if tasks else {}
     report["paired"] = paired_comparisons(tasks, report.get("baseline_rosa_seeds")) if tasks else {}
     report["targets"] = target_checks(tasks, report["step_time"]) if report.get("step_time") else {}
     write_json(out / "glue.json", report)
-    (out / "glue.md").write_text(markdown(report))
+    text = markdown(report)
+    (out / "glue.md").write_text(text)
+    return text
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -704,8 +705,7 @@ def rewrite_report(out: Path, source: Optional[Path] = None, seeds: Optional[int
         except ValueError as err:
             raise SystemExit(f"glue_table: {err}") from None
     out.mkdir(parents=True, exist_ok=True)
-    write_report(report, out)
-    print(markdown(report))
+    print(write_report(report, out))
     return report
 
 
@@ -748,7 +748,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     todo = {t: report["tasks"].get(t) for t in task_list if not finished(report["tasks"].get(t, {}), args.seeds)}
     record_tasks(run_tasks(todo, BUDGETS[name], args, baseline), report, start, args.out, write_report)
     report["step_time"] = step_time_ab(BUDGETS[name], TIMING_STEPS[name], args)
-    return finish(report, start, args.out, write_report, markdown)
+    return finish(report, start, args.out, write_report)
 
 
 if __name__ == "__main__":

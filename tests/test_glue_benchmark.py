@@ -61,8 +61,7 @@ def test_resume_keeps_finished_tasks_and_refuses_other_settings(tmp_path, monkey
     monkeypatch.setattr(bench, "run_grid", lambda *a: pytest.fail("a finished grid was run again"))
     monkeypatch.setattr(bench, "run_seeds", lambda *a: pytest.fail("finished seeds were run again"))
     monkeypatch.setattr(bench, "step_time_ab", lambda *a: {})
-    monkeypatch.setattr(bench, "write_report", lambda *a: None)
-    monkeypatch.setattr(bench, "markdown", lambda *a: "")
+    monkeypatch.setattr(bench, "write_report", lambda *a: "")
     resumed = bench.main(["--tiny", "--tasks", "sts-b", "--resume", "--out", str(tmp_path)])
     assert resumed["tasks"] == {"STS-B": finished} and resumed["total_seconds"] >= 5.0
     assert resumed["run_dates"] == ["2026-01-01 00:00:00 UTC", resumed["machine"]["date"]]
