@@ -54,6 +54,16 @@ resampling once per epoch at the 3-epoch budget (+0.9 [+0.4, +1.5] in ``glue-abl
 each ROSA's LR was chosen on seed 0 and scored on seeds 0 to 6) when each ROSA's LR is chosen on seeds 0 to
 2 and scored on seeds 3 to 6? Read from the paired "rosa - baseline rosa" average on the held-out seeds;
 ROSA minus LoRA there is read too. Reported whatever it shows (about 50 min with two workers).
+
+Fixed and committed while that check ran, before its result was seen: the same check of the fewer-resamples
+ablation, run next whatever the first shows, so that no, one and two resamples (never, every 320 steps, once
+per epoch) are each scored under a held-out choice ::
+
+    OMP_NUM_THREADS=1 python benchmarks/glue_heldout.py --workers 2 --select-seeds 3 \\
+        --source benchmarks/results/glue-ablation-resample-320 --baseline benchmarks/results/glue-heldout \\
+        --out benchmarks/results/glue-heldout-resample-320
+
+read by the same rules (the paired "rosa - baseline rosa" average on seeds 3 to 6, then ROSA minus LoRA).
 """
 
 from __future__ import annotations
