@@ -64,6 +64,14 @@ per epoch) are each scored under a held-out choice ::
         --out benchmarks/results/glue-heldout-resample-320
 
 read by the same rules (the paired "rosa - baseline rosa" average on seeds 3 to 6, then ROSA minus LoRA).
+
+Fixed and committed after both had run (no-resample +0.4 [-1.0, +1.8], resample-320 +0.2 [-0.5, +1.0]), before
+this one ran: the same check of the no-re-warmup ablation, so that every 3-epoch resampling ablation is scored
+under a held-out choice (about 35 min), read by the same rules and reported whatever it shows ::
+
+    OMP_NUM_THREADS=1 python benchmarks/glue_heldout.py --workers 2 --select-seeds 3 \\
+        --source benchmarks/results/glue-ablation-no-rewarmup --baseline benchmarks/results/glue-heldout \\
+        --out benchmarks/results/glue-heldout-no-rewarmup
 """
 
 from __future__ import annotations
