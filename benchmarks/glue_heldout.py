@@ -93,6 +93,7 @@ from rosa.experiments import glue  # noqa: E402
 from rosa.experiments.methods import METHODS  # noqa: E402
 from rosa.experiments.reporting import format_table, machine_info, write_json  # noqa: E402
 
+ROSA_VARIANT = ("rosa_singular_values", "rosa_resample_every", "rosa_rewarmup_steps")  # a ROSA ablation's settings
 REPRODUCE_TOLERANCE = 1e-6  # a rerun of a source run must score this close to reuse the source's runs
 Scores = dict[str, dict[str, dict[str, float]]]  # method -> LR (as "%g") -> seed (as str) -> final dev score
 
@@ -300,14 +301,14 @@ def run_arguments(args: argparse.Namespace, source: dict[str, Any]) -> argparse.
 
 def rosa_variant(source: dict[str, Any]) -> dict[str, Any]:
     """How the source ran ROSA: its ``--singular-values``, ``--resample-every`` and ``--rewarmup-steps``."""
-    return glue_table.settings_of(source, ("rosa_singular_values", "rosa_resample_every", "rosa_rewarmup_steps"))
+    return glue_table.settings_of(source, ROSA_VARIANT)
 
 
 def variant_note(report: dict[str, Any]) -> list[str]:
     """A sentence on the source's ROSA ablation, if it ran one, and on LoRA and full taken from ``--baseline``."""
     variant = {"budget": report["source"]["budget"], **report["rosa_variant"]}
     notes = []
-    if any(variant[k] != v for k, v in glue_table.VARIANT_DEFAULTS.items() if k.startswith("rosa_")):
+    if report["rosa_variant"] != glue_table.settings_of({}, ROSA_VARIANT):  # not the defaults: an ablation
         notes.append(f"**ROSA ablation** (as the source ran it): singular values `{variant['rosa_singular_values']}`, "
                      f"resampling {glue_table.resample_phrase(variant)}, {glue_table.rewarmup_phrase(variant)}.")
     if report.get("baseline_dir"):

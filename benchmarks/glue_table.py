@@ -223,8 +223,8 @@ def record_tasks(results: Iterator[tuple[str, dict[str, Any]]], report: dict[str
         forget_runs(out, task)
 
 
-def finish(report: dict[str, Any], start: float, out: Path, write: Callable[[dict[str, Any], Path], str],
-           ) -> dict[str, Any]:
+def finish(report: dict[str, Any], start: float, out: Path,
+           write: Callable[[dict[str, Any], Path], str]) -> dict[str, Any]:
     """Mark ``report`` complete, ``write`` it and print the markdown it wrote; returns it."""
     report["complete"] = True
     report["total_seconds"] = time.perf_counter() - start
