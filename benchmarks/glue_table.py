@@ -45,8 +45,10 @@ taken to 5 seeds that way one seed at a time, then to 7 with seeds 5 and 6 toget
 
 ``--baseline DIR`` trains only ROSA and takes LoRA's and full fine-tuning's runs from ``DIR/glue.json``
 (same budget, model, rank and first seed): a ROSA variant is then paired with the very runs the
-default was paired with, at a third of the cost. ``glue_heldout.py`` takes a finished table and
-chooses each LR on some seeds and scores it on the others.
+default was paired with, at a third of the cost. With another ``--rank`` than ``DIR``'s it trains ROSA and
+LoRA at that rank and takes only full fine-tuning's runs (which have no rank); the paired table then also
+has each adapter against its ``DIR`` twin and the change in ROSA minus LoRA. ``glue_heldout.py`` takes a
+finished table and chooses each LR on some seeds and scores it on the others.
 
 The no-resample ablation (each run's 480 steps keep ROSA's first random subspace, merged once at the
 end) was fixed and committed before it ran, to be reported whatever it shows: a diagnostic of where
@@ -96,6 +98,21 @@ Also fixed before either ran (session 11, while the resample-320 run was on its 
 3-epoch table (``--resume --seeds 7``, same commands otherwise; ~20 min each): first
 ``glue-ablation-resample-320``, then ``glue-ablation-no-rewarmup``. Read by the same rules on seven
 seeds; the four-seed reports stay reproducible with ``--report-only --seeds 4``.
+
+A rank check was fixed and committed before it ran (session 13), to be reported whatever it shows: the
+3-epoch table at rank 1 instead of 8, ROSA and LoRA trained (same grid, seed-0 choice, seeds 0-6,
+per-epoch resampling with the 20-step re-warmup), full fine-tuning reused from ``benchmarks/results``.
+It asks whether ROSA gains on LoRA where LoRA's rank binds: ROSA's three rank-1 subspaces can add up to
+a rank-3 update, LoRA's stays rank 1, the mechanism behind the paper's claim. Read from the paired
+"(rosa - lora) - baseline (rosa - lora)" average (ROSA minus LoRA at rank 1 minus the same at rank 8):
+above 0, ROSA's standing against LoRA improves at rank 1; below 0, it worsens; an interval containing 0,
+seven seeds cannot tell. Also read: "rosa - lora" at rank 1 (does ROSA reach LoRA there) and "lora -
+baseline lora" (whether rank 1 costs LoRA anything at this budget: if it does not, rank does not bind
+here and the check cannot show the mechanism, whatever the first row says). The library's and the
+table's rank stay 8 either way.
+
+    OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 7 --rank 1 \
+        --baseline benchmarks/results --out benchmarks/results/glue-rank1          # ~85 min
 """
 
 from __future__ import annotations
@@ -127,8 +144,10 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS = ("CoLA", "MRPC", "RTE", "STS-B")
 RUNS = "runs"  # OUT/runs/TASK/: finished runs of tasks not yet in glue.json; a crash loses only runs in progress
 REUSED = ("lora", "full")  # the methods --baseline takes from an earlier report instead of training
-# Settings a --resume or --baseline report must share with this run.
+RANKLESS = ("full",)  # what --baseline reuses from a report of another --rank: full fine-tuning has no rank
+# Settings a --resume or --baseline report must share with this run (--baseline's may have another rank).
 SHARED_SETTINGS = ("budget_name", "budget", "model", "rank", "seed")
+BASELINE_SETTINGS = tuple(k for k in SHARED_SETTINGS if k != "rank")
 # The run's variant, which --resume must also share, with the value of reports from before each key existed
 # (they used the split, resampled once per epoch with the budget's re-warmup and trained every method).
 VARIANT_DEFAULTS = {"rosa_singular_values": "split", "rosa_resample_every": None, "rosa_rewarmup_steps": None,
@@ -288,8 +307,10 @@ def finished(result: dict[str, Any], seeds: int) -> bool:
 def run_tasks(todo: dict[str, Optional[dict[str, Any]]], budget: Budget, args: argparse.Namespace,
               baseline: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(task, result)`` for each task of ``todo`` (task -> its grid result, if done) as it finishes,
-    ``args.workers`` tasks at a time (separate processes); LoRA and full come from ``baseline`` if it is not empty."""
-    jobs = {task: (task, done, budget, args, reused_methods(baseline, task, args.seeds)) for task, done in todo.items()}
+    ``args.workers`` tasks at a time (separate processes); the :func:`reused_by` methods come from ``baseline``."""
+    reused = reused_by(baseline, args.rank)
+    jobs = {task: (task, done, budget, args, reused_methods(baseline, task, args.seeds, reused))
+            for task, done in todo.items()}
     yield from in_workers(run_task, jobs, args.workers)
 
 
@@ -306,14 +327,20 @@ def in_workers(function: Callable[..., Any], jobs: dict[str, tuple], workers: in
             yield futures[future], future.result()
 
 
-def reused_methods(baseline: dict[str, Any], task: str, seeds: int) -> dict[str, Any]:
-    """LoRA's and full fine-tuning's runs, chosen run and first ``seeds`` seed scores of ``task`` in a
-    ``--baseline`` report (``{}`` without one)."""
+def reused_by(baseline: dict[str, Any], rank: int) -> tuple[str, ...]:
+    """The methods a run at ``rank`` takes from a ``--baseline`` report: LoRA and full at the report's rank,
+    full alone at another (LoRA's runs then differ too); none without a report."""
     if not baseline:
-        return {}
-    result = baseline["tasks"][task]
+        return ()
+    return REUSED if baseline["rank"] == rank else RANKLESS
+
+
+def reused_methods(baseline: dict[str, Any], task: str, seeds: int, methods: tuple[str, ...]) -> dict[str, Any]:
+    """The runs, chosen run and first ``seeds`` seed scores of ``task`` in a ``--baseline`` report, for each
+    of ``methods``."""
+    result = baseline.get("tasks", {}).get(task, {})
     return {m: {"runs": result["runs"][m], "chosen": result["chosen"][m], "seeds": seed_scores(result, m)[:seeds]}
-            for m in REUSED}
+            for m in methods}
 
 
 def step_time_ab(budget: Budget, steps: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -367,9 +394,14 @@ def averages(tasks: dict[str, Any]) -> dict[str, float]:
     return {m: statistics.fmean(seed_mean(r, m) for r in tasks.values()) for m in METHODS}
 
 
+def difference(a: list[float], b: list[float]) -> list[float]:
+    """``a[i] - b[i]`` for each seed."""
+    return [x - y for x, y in zip(a, b, strict=True)]
+
+
 def paired_difference(a: list[float], b: list[float]) -> dict[str, Any]:
     """Mean of ``a[i] - b[i]`` over seeds (x100) and its 95% Student-t interval (``None`` for one seed)."""
-    diffs = [100 * (x - y) for x, y in zip(a, b, strict=True)]
+    diffs = [100 * d for d in difference(a, b)]
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
         return {"mean": mean, "ci95": None, "seeds": len(diffs)}
@@ -378,26 +410,38 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, Any]:
 
 
 def paired_comparisons(tasks: dict[str, Any], baseline_rosa: Optional[dict[str, list[float]]] = None,
-                       ) -> dict[str, dict[str, Any]]:
+                       baseline_lora: Optional[dict[str, list[float]]] = None) -> dict[str, dict[str, Any]]:
     """ROSA minus LoRA and ROSA minus full, per task and on the task average, paired by seed (a seed
     fixes the data subset, head init and data order for every method, so its differences pair up).
     With ``baseline_rosa`` (task -> the ``--baseline`` report's ROSA seed scores) also ROSA minus that
-    ROSA: the effect of the ablated setting."""
-    scores = {t: {m: seed_scores(r, m) for m in METHODS} for t, r in tasks.items()}  # task -> method -> [seeds]
+    ROSA: the effect of the changed setting. With ``baseline_lora`` too (a baseline of another rank) also
+    LoRA minus that LoRA, and ``gap_change``: ROSA minus LoRA here minus ROSA minus LoRA there."""
+    scores = {t: {m: seed_scores(r, m) for m in METHODS} for t, r in tasks.items()}  # task -> series -> [seeds]
+    pairs = {"rosa_minus_lora": ("rosa", "lora"), "rosa_minus_full": ("rosa", "full")}  # key -> (minuend, subtrahend)
+    for t, s in scores.items():
+        n = len(s["rosa"])
+        if baseline_rosa:
+            s["baseline_rosa"] = baseline_rosa[t][:n]
+        if baseline_lora:
+            s["baseline_lora"] = baseline_lora[t][:n]
+            s["gap"], s["baseline_gap"] = (difference(s[f"{p}rosa"], s[f"{p}lora"]) for p in ("", "baseline_"))
     if baseline_rosa:
-        for t, s in scores.items():
-            s["baseline_rosa"] = baseline_rosa[t][:len(s["rosa"])]
-    others = [m for m in next(iter(scores.values())) if m != "rosa"]
+        pairs["rosa_minus_baseline_rosa"] = ("rosa", "baseline_rosa")
+    if baseline_lora:
+        pairs |= {"lora_minus_baseline_lora": ("lora", "baseline_lora"), "gap_change": ("gap", "baseline_gap")}
     seeds = min(len(s["rosa"]) for s in scores.values())
-    per_seed_average = {m: [statistics.fmean(s[m][i] for s in scores.values()) for i in range(seeds)]
-                        for m in ("rosa", *others)}
+    per_seed_average = {k: [statistics.fmean(s[k][i] for s in scores.values()) for i in range(seeds)]
+                        for k in {k for pair in pairs.values() for k in pair}}
     return {
-        f"rosa_minus_{other}": {
-            **{t: paired_difference(s["rosa"], s[other]) for t, s in scores.items()},
-            "average": paired_difference(per_seed_average["rosa"], per_seed_average[other]),
+        name: {
+            **{t: paired_difference(s[a], s[b]) for t, s in scores.items()},
+            "average": paired_difference(per_seed_average[a], per_seed_average[b]),
         }
-        for other in others
+        for name, (a, b) in pairs.items()
     }
+
+
+ROW_NAMES = {"gap_change": "(rosa - lora) - baseline (rosa - lora)"}  # paired_table rows not named from their key
 
 
 def interval(difference: dict[str, Any]) -> str:
@@ -415,7 +459,7 @@ PAIRED_NOTE = ("Paired by seed (x100): the mean over seeds of the per-seed diffe
 
 def paired_table(paired: dict[str, dict[str, Any]], names: list[str]) -> str:
     """The markdown table of :func:`paired_comparisons`: one row per difference, one column per task and the average."""
-    rows = [{"difference": name.replace("_minus_", " - ").replace("_", " "),
+    rows = [{"difference": ROW_NAMES.get(name) or name.replace("_minus_", " - ").replace("_", " "),
              **{t: interval(d) for t, d in diffs.items()}} for name, diffs in paired.items()]
     return format_table(rows, ["difference", *names, "average"])
 
@@ -527,7 +571,8 @@ def rewarmup_phrase(report: dict[str, Any]) -> str:
 
 def run_variant_notes(report: dict[str, Any]) -> list[str]:
     """Sentences for a ROSA ablation (``--singular-values``, ``--resample-every``, ``--rewarmup-steps``), for
-    LoRA and full runs reused from ``--baseline`` and for a report cut to its first seeds."""
+    runs reused from ``--baseline`` (LoRA and full, or full alone at another rank) and for a report cut to its
+    first seeds."""
     notes = []
     placement = report.get("rosa_singular_values", "split")
     if placement != "split":
@@ -542,7 +587,14 @@ def run_variant_notes(report: dict[str, Any]) -> list[str]:
     if report.get("rosa_rewarmup_steps") is not None:
         notes.append(f"**ROSA ablation**: {rewarmup_phrase(report)} instead of the budget's "
                      f"{report['budget']['rewarmup_steps']} steps (Adam's state for the new factors is still reset).")
-    if report.get("baseline"):
+    if report.get("baseline") and report.get("baseline_rank", report["rank"]) != report["rank"]:
+        notes.append(f"**Full fine-tuning was not trained in this run**: its runs, chosen learning rates and seed "
+                     f"scores are reused from `{report['baseline']}` (run {report['baseline_date']}), whose ROSA and "
+                     f"LoRA had rank {report['baseline_rank']}. A seed fixes every method's subsets, head init and "
+                     "data order, so the pairs stay valid; the total wall time is ROSA's and LoRA's. `baseline rosa` "
+                     "and `baseline lora` in the paired table are that report's, and `(rosa - lora) - baseline "
+                     "(rosa - lora)` is how much ROSA's difference from LoRA changed with the rank.")
+    elif report.get("baseline"):
         notes.append(f"**LoRA and full fine-tuning were not trained in this run**: their runs, chosen learning rates "
                      f"and seed scores are reused from `{report['baseline']}` (run {report['baseline_date']}). A "
                      "seed fixes every method's subsets, head init and data order, so the pairs stay valid; the total "
@@ -577,7 +629,8 @@ def write_report(report: dict[str, Any], out: Path) -> str:
     """Write ``glue.json`` and ``glue.md`` for the tasks finished so far; returns the markdown."""
     tasks = report["tasks"]
     report["average"] = averages(tasks) if tasks else {}
-    report["paired"] = paired_comparisons(tasks, report.get("baseline_rosa_seeds")) if tasks else {}
+    report["paired"] = (paired_comparisons(tasks, report.get("baseline_rosa_seeds"), report.get("baseline_lora_seeds"))
+                        if tasks else {})
     report["targets"] = target_checks(tasks, report["step_time"]) if report.get("step_time") else {}
     write_json(out / "glue.json", report)
     text = markdown(report)
@@ -619,7 +672,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--baseline", type=Path,
                         help="reuse LoRA's and full fine-tuning's runs from BASELINE/glue.json (same budget, "
                              "model, rank and seed, at least --seeds seeds) and train only ROSA, e.g. to "
-                             "compare a ROSA ablation with the same LoRA and full runs")
+                             "compare a ROSA ablation with the same LoRA and full runs; at another --rank "
+                             "only full fine-tuning's runs are reused")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: rewrite OUT/glue.md (and the derived fields of OUT/glue.json) "
                              "from OUT/glue.json, or from --from's")
@@ -652,16 +706,16 @@ def previous_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def load_baseline(directory: Path, report: dict[str, Any]) -> dict[str, Any]:
-    """``directory/glue.json``, whose LoRA and full runs this run reuses; ``ValueError`` unless it has
-    this run's settings, every task of it and at least as many seeds."""
+    """``directory/glue.json``, whose :func:`reused_by` runs this run reuses; ``ValueError`` unless it has this
+    run's settings (but perhaps another rank), every task of it and at least as many seeds."""
     path = directory / "glue.json"
     if not path.is_file():
         raise ValueError(f"--baseline: {path} does not exist; pass the --out folder of a finished glue_table run")
     baseline = json.loads(path.read_text())
-    mine, theirs = settings_of(report, SHARED_SETTINGS), settings_of(baseline, SHARED_SETTINGS)
+    mine, theirs = settings_of(report, BASELINE_SETTINGS), settings_of(baseline, BASELINE_SETTINGS)
     if mine != theirs:
         raise ValueError(f"--baseline: {path} was run with {theirs}, this run is {mine}; pass the same --budget, "
-                         "--model, --rank and --seed, or another baseline")
+                         "--model and --seed, or another baseline")
     tasks = baseline.get("tasks", {})
     missing = [t for t in report["task_list"] if t not in tasks]
     if missing:
@@ -676,15 +730,16 @@ def load_baseline(directory: Path, report: dict[str, Any]) -> dict[str, Any]:
 
 def first_seeds(report: dict[str, Any], count: int, source: Path) -> dict[str, Any]:
     """``report`` (read from ``source``) cut to its first ``count`` seeds: every method's seed scores and the
-    ``--baseline`` ROSA's; ``ValueError`` if a task has fewer."""
+    ``--baseline`` ROSA's (and LoRA's); ``ValueError`` if a task has fewer."""
     have = min(len(seed_scores(r, m)) for r in report["tasks"].values() for m in METHODS)
     if count > have:
         raise ValueError(f"--seeds {count}: {source / 'glue.json'} has {have} seeds of every method and task; "
                          f"pass --seeds {have} or fewer")
     tasks = {t: {**r, "seeds": {m: s[:count] for m, s in r.get("seeds", {}).items()}} for t, r in report["tasks"].items()}
     cut = {**report, "tasks": tasks, "seeds": count, "first_seeds_of": {"report": str(source), "seeds": have}}
-    if "baseline_rosa_seeds" in report:
-        cut["baseline_rosa_seeds"] = {t: s[:count] for t, s in report["baseline_rosa_seeds"].items()}
+    for key in ("baseline_rosa_seeds", "baseline_lora_seeds"):
+        if key in report:
+            cut[key] = {t: s[:count] for t, s in report[key].items()}
     return cut
 
 
@@ -739,8 +794,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if previous:  # the first start and every resume, oldest first
         report["run_dates"] = [*previous.get("run_dates", [previous["machine"]["date"]]), report["machine"]["date"]]
     if baseline:
-        report["baseline_date"] = baseline["machine"]["date"]
-        report["baseline_rosa_seeds"] = {t: seed_scores(baseline["tasks"][t], "rosa")[:args.seeds] for t in task_list}
+        report["baseline_date"], report["baseline_rank"] = baseline["machine"]["date"], baseline["rank"]
+        trained = [m for m in ("rosa", "lora") if m not in reused_by(baseline, args.rank)]
+        report |= {f"baseline_{m}_seeds": {t: seed_scores(baseline["tasks"][t], m)[:args.seeds] for t in task_list}
+                   for m in trained}
     # Every earlier task result stays in each write until its rerun replaces it: a crash while seed
     # repeats are added must not lose a grid from glue.json.
     report["tasks"] = {t: r for t, r in previous.get("tasks", {}).items() if t in task_list}

@@ -333,6 +333,47 @@ def test_baseline_reuses_lora_and_full_and_trains_only_rosa(tmp_path, monkeypatc
     assert trained == []
 
 
+def test_a_baseline_of_another_rank_lends_only_full_and_pairs_both_adapters_with_its_own(tmp_path, monkeypatch):
+    bench = load_benchmark("glue_table")
+    trained = fake_reported_training(bench, monkeypatch)
+    rank_effect = {"rosa": 0.03, "lora": -0.02}  # the stand-in's score change at rank 1
+    train_method = bench.glue.train_method
+    monkeypatch.setattr(bench.glue, "train_method", lambda method, lr, settings, data, tokenizer: bench.glue.MethodRun(
+        {**(run := train_method(method, lr, settings, data, tokenizer).result),
+         "final_score": run["final_score"] + (settings.rank == 1) * rank_effect.get(method, 0.0)}, None))
+    base = bench.main(["--tiny", "--tasks", "rte", "mrpc", "--seeds", "3", "--out", str(tmp_path / "base")])
+    trained.clear()
+    argv = ["--tiny", "--tasks", "rte", "mrpc", "--seeds", "2", "--rank", "1",
+            "--baseline", str(tmp_path / "base"), "--out", str(tmp_path / "rank1")]
+    report = bench.main(argv)
+    assert {m for m, _, _ in trained} == {"rosa", "lora"} and len(trained) == 2 * (2 + 2 + 2)  # grids, seed 1
+    assert report["rank"] == 1 and report["baseline_rank"] == 8
+    for task, result in report["tasks"].items():
+        theirs = base["tasks"][task]
+        assert (result["runs"]["full"], result["chosen"]["full"]) == (theirs["runs"]["full"], theirs["chosen"]["full"])
+        assert result["seeds"]["full"] == theirs["seeds"]["full"][:2]
+        for m in ("rosa", "lora"):
+            assert result["seeds"][m] == pytest.approx([x + rank_effect[m] for x in theirs["seeds"][m][:2]])
+            assert report[f"baseline_{m}_seeds"][task] == theirs["seeds"][m][:2]
+    paired = report["paired"]
+    assert list(paired) == ["rosa_minus_lora", "rosa_minus_full", "rosa_minus_baseline_rosa",
+                            "lora_minus_baseline_lora", "gap_change"]
+    for name, points in (("rosa_minus_baseline_rosa", 3.0), ("lora_minus_baseline_lora", -2.0), ("gap_change", 5.0)):
+        assert [paired[name][t]["mean"] for t in ("RTE", "MRPC", "average")] == pytest.approx(3 * [points])
+    base_gap = 100 * (0.6 - 0.5)  # both grids chose the larger LR
+    assert paired["rosa_minus_lora"]["average"]["mean"] == pytest.approx(base_gap + 5.0)
+    md = (tmp_path / "rank1" / "glue.md").read_text()
+    assert "rank 1)" in md.splitlines()[0]
+    assert "| (rosa - lora) - baseline (rosa - lora) | +5.0 [+5.0, +5.0] | +5.0 [+5.0, +5.0] | +5.0 [+5.0, +5.0] |" in md
+    assert "| lora - baseline lora | -2.0 [-2.0, -2.0] |" in md
+    assert "**Full fine-tuning was not trained in this run**" in md and "whose ROSA and LoRA had rank 8" in md
+    assert "LoRA and full fine-tuning were not trained" not in md
+
+    cut = bench.main(["--report-only", "--from", str(tmp_path / "rank1"), "--seeds", "1", "--out", str(tmp_path / "cut")])
+    assert cut["baseline_lora_seeds"] == {t: s[:1] for t, s in report["baseline_lora_seeds"].items()}
+    assert cut["paired"]["gap_change"]["average"]["mean"] == pytest.approx(5.0)
+
+
 RESAMPLE_ABLATIONS = [  # option, its value, another value, a refused value and its message, report key,
     # the stand-in's effect on ROSA (x100) and what glue.md must say
     ("--resample-every", "1000", "500", "0", "--resample-every must be at least 1, got 0", "rosa_resample_every",
@@ -393,7 +434,7 @@ def test_the_resample_settings_reach_every_run():
 
 @pytest.mark.parametrize("change, message", [
     (["--baseline", "{tmp}/nowhere"], r"nowhere/glue.json does not exist; pass the --out folder"),
-    (["--rank", "4"], r"was run with .*'rank': 8.*this run is .*'rank': 4.*pass the same --budget"),
+    (["--seed", "1"], r"was run with .*'seed': 0.*this run is .*'seed': 1.*pass the same --budget, --model and --seed"),
     (["--tasks", "rte", "cola"], r"has no results for CoLA; leave them out of --tasks"),
     (["--seeds", "3"], r"fewer than --seeds 3 seeds: RTE 2; lower --seeds"),
 ])
