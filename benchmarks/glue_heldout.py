@@ -91,7 +91,7 @@ from glue_table import BUDGETS, REPO, Budget  # noqa: E402
 
 from rosa.experiments import glue  # noqa: E402
 from rosa.experiments.methods import METHODS  # noqa: E402
-from rosa.experiments.reporting import format_table, machine_info, write_json  # noqa: E402
+from rosa.experiments.reporting import format_table, machine_info  # noqa: E402
 
 ROSA_VARIANT = ("rosa_singular_values", "rosa_resample_every", "rosa_rewarmup_steps")  # a ROSA ablation's settings
 REPRODUCE_TOLERANCE = 1e-6  # a rerun of a source run must score this close to reuse the source's runs
@@ -306,9 +306,11 @@ def rosa_variant(source: dict[str, Any]) -> dict[str, Any]:
 
 def variant_note(report: dict[str, Any]) -> list[str]:
     """A sentence on the source's ROSA ablation, if it ran one, and on LoRA and full taken from ``--baseline``."""
-    variant = {"budget": report["source"]["budget"], **report["rosa_variant"]}
+    default = glue_table.settings_of({}, ROSA_VARIANT)
+    ran = report.get("rosa_variant", default)  # checks from before the key checked the default ROSA
+    variant = {"budget": report["source"]["budget"], **ran}
     notes = []
-    if report["rosa_variant"] != glue_table.settings_of({}, ROSA_VARIANT):  # not the defaults: an ablation
+    if ran != default:  # an ablation
         notes.append(f"**ROSA ablation** (as the source ran it): singular values `{variant['rosa_singular_values']}`, "
                      f"resampling {glue_table.resample_phrase(variant)}, {glue_table.rewarmup_phrase(variant)}.")
     if report.get("baseline_dir"):
@@ -394,14 +396,8 @@ def bold_if(condition: bool, text: str) -> str:
 
 def write_report(report: dict[str, Any], out: Path) -> str:
     """Write ``heldout.json`` and ``heldout.md`` for the tasks finished so far; returns the markdown."""
-    tasks = report["tasks"]
-    report["average"] = glue_table.averages(tasks) if tasks else {}
-    report["paired"] = glue_table.paired_comparisons(tasks, report.get("baseline_rosa_seeds")) if tasks else {}
-    report["targets"] = glue_table.target_checks(tasks, report["source"]["step_time"]) if tasks else {}
-    write_json(out / "heldout.json", report)
-    text = markdown(report)
-    (out / "heldout.md").write_text(text)
-    return text
+    glue_table.summarize(report, report["source"]["step_time"])
+    return glue_table.write_files(report, out / "heldout", markdown)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

@@ -466,7 +466,7 @@ def paired_table(paired: dict[str, dict[str, Any]], names: list[str]) -> str:
 
 def targets_line(targets: dict[str, Any]) -> str:
     """``"Targets: name = value, ..."`` for :func:`target_checks`' result."""
-    return "Targets: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
+    return "Targets: " + ", ".join(f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}"
                                    for k, v in targets.items())
 
 
@@ -627,14 +627,25 @@ def mean_and_spread(scores: list[float]) -> str:
 
 def write_report(report: dict[str, Any], out: Path) -> str:
     """Write ``glue.json`` and ``glue.md`` for the tasks finished so far; returns the markdown."""
+    summarize(report, report.get("step_time"))
+    return write_files(report, out / "glue", markdown)
+
+
+def summarize(report: dict[str, Any], step_time: Optional[dict[str, Any]]) -> None:
+    """Set ``report``'s averages, paired differences and (given the ``step_time`` comparison) target checks
+    from the tasks it has so far."""
     tasks = report["tasks"]
     report["average"] = averages(tasks) if tasks else {}
     report["paired"] = (paired_comparisons(tasks, report.get("baseline_rosa_seeds"), report.get("baseline_lora_seeds"))
                         if tasks else {})
-    report["targets"] = target_checks(tasks, report["step_time"]) if report.get("step_time") else {}
-    write_json(out / "glue.json", report)
-    text = markdown(report)
-    (out / "glue.md").write_text(text)
+    report["targets"] = target_checks(tasks, step_time) if tasks and step_time else {}
+
+
+def write_files(report: dict[str, Any], stem: Path, render: Callable[[dict[str, Any]], str]) -> str:
+    """Write ``report`` to ``STEM.json`` and its ``render``-ed markdown to ``STEM.md``; returns the markdown."""
+    write_json(stem.with_suffix(".json"), report)
+    text = render(report)
+    stem.with_suffix(".md").write_text(text)
     return text
 
 

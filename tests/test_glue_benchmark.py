@@ -160,6 +160,12 @@ def test_paired_difference_matches_a_hand_computed_case_and_scipys_paired_t_inte
         bench.paired_difference([0.5, 0.6], [0.5])
 
 
+def test_the_targets_line_keeps_three_decimals_of_each_number():
+    bench = load_benchmark("glue_table")
+    line = bench.targets_line({"rosa_ge_lora_tasks": ["RTE"], "rosa_over_lora_step_time": 1.0041, "met": False})
+    assert line == "Targets: rosa_ge_lora_tasks = ['RTE'], rosa_over_lora_step_time = 1.004, met = False"
+
+
 def test_paired_comparisons_pair_tasks_by_seed_and_average_each_seed_over_tasks():
     bench = load_benchmark("glue_table")
     scores = {"RTE": {"rosa": [0.50, 0.56], "lora": [0.52, 0.50], "full": [0.55, 0.53]},

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("peft")
 
-from helpers import GLUE_DIR, load_benchmark, needs_glue  # noqa: E402
+from helpers import GLUE_DIR, REPO, load_benchmark, needs_glue  # noqa: E402
 
 
 def test_source_scores_hold_the_grid_on_the_first_seed_and_the_chosen_lr_on_every_seed():
@@ -295,3 +295,12 @@ def test_a_baseline_check_that_does_not_fit_is_refused_before_anything_is_writte
     with pytest.raises(SystemExit, match=message):
         heldout.main(args)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in (REPO / "benchmarks" / "results").glob("*/heldout.json")))
+def test_every_committed_check_renders_again_to_its_committed_markdown(name, tmp_path):
+    heldout = load_benchmark("glue_heldout")
+    committed = REPO / "benchmarks" / "results" / name
+    report = json.loads((committed / "heldout.json").read_text())  # the oldest predate rosa_variant and grid
+    assert heldout.write_report(report, tmp_path) == (committed / "heldout.md").read_text()
+    assert json.loads((tmp_path / "heldout.json").read_text()) == json.loads((committed / "heldout.json").read_text())
