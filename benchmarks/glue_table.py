@@ -113,6 +113,19 @@ table's rank stay 8 either way.
 
     OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 7 --rank 1 \
         --baseline benchmarks/results --out benchmarks/results/glue-rank1          # ~85 min
+
+Fixed and committed after the rank-1 check had run and before this ran (session 13), reported whatever
+it shows: the no-resample ablation at rank 1 (``--resample-every 1000000``: ROSA keeps its first
+random rank-1 subspace for all 480 steps), seeds 0-6, LoRA and full reused from ``glue-rank1``. It
+tests the rank mechanism inside ROSA itself: at rank 1, where rank binds (LoRA lost 3.1 points
+there), do three rank-1 subspaces beat one? Read from the paired "rosa - baseline rosa" average (no
+resampling minus per-epoch resampling, both at rank 1): below 0, resampling pays at rank 1; above 0,
+it costs (as +0.9 [+0.4, +1.5] at rank 8 with the seed-0 choice); an interval containing 0, seven
+seeds cannot tell.
+
+    OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 7 --rank 1 \
+        --resample-every 1000000 --baseline benchmarks/results/glue-rank1 \
+        --out benchmarks/results/glue-rank1-no-resample                    # ~45 min
 """
 
 from __future__ import annotations
