@@ -263,7 +263,7 @@ def load_baseline(directory: Path, report: dict[str, Any], source: dict[str, Any
     differ += [key for key in ("budget_name", "budget", "model", "rank", "seed", "seeds")
                if previous["source"][key] != report["source"][key]]
     if differ:
-        raise ValueError(f"--baseline: {path} checked another budget or seeds ({', '.join(differ)} differ); pass "
+        raise ValueError(f"--baseline: {path} checked another budget, rank or seeds ({', '.join(differ)} differ); pass "
                          f"the check of {source['baseline']} with --select-seeds {len(report['select_seeds'])}")
     for task, result in previous["tasks"].items():
         ours = source_scores(source["tasks"][task], report["select_seeds"][0])

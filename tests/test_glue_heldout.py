@@ -273,7 +273,8 @@ def test_baseline_chooses_only_rosa_and_takes_lora_and_full_from_the_check_of_th
     ("not an ablation", "--source trained its own LoRA and full runs"),
     ("with widen", "--widen and --baseline cannot be combined"),
     ("missing", "does not exist"),
-    ("seeds", r"checked another budget or seeds \(select_seeds, held_out_seeds differ\)"),
+    ("seeds", r"checked another budget, rank or seeds \(select_seeds, held_out_seeds differ\)"),
+    ("rank", r"checked another budget, rank or seeds \(rank differ\)"),  # e.g. a glue_table --rank 1 source
     ("other runs", "scored lora on RTE at lr .* not the runs the source reused"),
 ])
 def test_a_baseline_check_that_does_not_fit_is_refused_before_anything_is_written(source, checked, ablation, tmp_path,
@@ -283,6 +284,8 @@ def test_a_baseline_check_that_does_not_fit_is_refused_before_anything_is_writte
     report = json.loads((checked[0] / "heldout.json").read_text())
     if change == "seeds":
         report["select_seeds"], report["held_out_seeds"] = [0], [1, 2]
+    if change == "rank":
+        report["source"]["rank"] += 1
     if change == "other runs":
         lora = report["tasks"]["RTE"]["scores"]["lora"]
         lora[next(iter(lora))]["0"] += 0.01
