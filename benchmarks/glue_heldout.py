@@ -260,8 +260,7 @@ def load_baseline(directory: Path, report: dict[str, Any], source: dict[str, Any
     previous = load_check(directory, report, "--baseline")
     path = directory / "heldout.json"
     differ = [key for key in ("select_seeds", "held_out_seeds") if previous[key] != report[key]]
-    differ += [key for key in ("budget_name", "budget", "model", "rank", "seed", "seeds")
-               if previous["source"][key] != report["source"][key]]
+    differ += [key for key in (*glue_table.SHARED_SETTINGS, "seeds") if previous["source"][key] != report["source"][key]]
     if differ:
         raise ValueError(f"--baseline: {path} checked another budget, rank or seeds ({', '.join(differ)} differ); pass "
                          f"the check of {source['baseline']} with --select-seeds {len(report['select_seeds'])}")

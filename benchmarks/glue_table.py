@@ -600,24 +600,29 @@ def run_variant_notes(report: dict[str, Any]) -> list[str]:
     if report.get("rosa_rewarmup_steps") is not None:
         notes.append(f"**ROSA ablation**: {rewarmup_phrase(report)} instead of the budget's "
                      f"{report['budget']['rewarmup_steps']} steps (Adam's state for the new factors is still reset).")
-    if report.get("baseline") and report.get("baseline_rank", report["rank"]) != report["rank"]:
-        notes.append(f"**Full fine-tuning was not trained in this run**: its runs, chosen learning rates and seed "
-                     f"scores are reused from `{report['baseline']}` (run {report['baseline_date']}), whose ROSA and "
-                     f"LoRA had rank {report['baseline_rank']}. A seed fixes every method's subsets, head init and "
-                     "data order, so the pairs stay valid; the total wall time is ROSA's and LoRA's. `baseline rosa` "
-                     "and `baseline lora` in the paired table are that report's, and `(rosa - lora) - baseline "
-                     "(rosa - lora)` is how much ROSA's difference from LoRA changed with the rank.")
-    elif report.get("baseline"):
-        notes.append(f"**LoRA and full fine-tuning were not trained in this run**: their runs, chosen learning rates "
-                     f"and seed scores are reused from `{report['baseline']}` (run {report['baseline_date']}). A "
-                     "seed fixes every method's subsets, head init and data order, so the pairs stay valid; the total "
-                     "wall time is ROSA's alone. `baseline rosa` in the paired table is that report's ROSA.")
+    if report.get("baseline"):
+        notes.append(baseline_note(report))
     cut = report.get("first_seeds_of")
     if cut:
         notes.append(f"**The first {report['seeds']} of the {cut['seeds']} seeds** of `{cut['report']}` (rendered by "
                      f"`--report-only --seeds {report['seeds']}`); nothing was trained for it, and the total wall time "
                      "is that whole run's.")
     return notes
+
+
+def baseline_note(report: dict[str, Any]) -> str:
+    """What a ``--baseline`` run reused: LoRA and full, or full alone when the baseline had another rank."""
+    other_rank = report.get("baseline_rank", report["rank"]) != report["rank"]
+    reused, their, own = (("Full fine-tuning was", "its", "ROSA's and LoRA's") if other_rank else
+                          ("LoRA and full fine-tuning were", "their", "ROSA's alone"))
+    source = f"`{report['baseline']}` (run {report['baseline_date']})"
+    rank = f", whose ROSA and LoRA had rank {report['baseline_rank']}" if other_rank else ""
+    baseline_rows = ("`baseline rosa` and `baseline lora` in the paired table are that report's, and `(rosa - lora) "
+                     "- baseline (rosa - lora)` is how much ROSA's difference from LoRA changed with the rank."
+                     if other_rank else "`baseline rosa` in the paired table is that report's ROSA.")
+    return (f"**{reused} not trained in this run**: {their} runs, chosen learning rates and seed scores are reused "
+            f"from {source}{rank}. A seed fixes every method's subsets, head init and data order, so the pairs stay "
+            f"valid; the total wall time is {own}. {baseline_rows}")
 
 
 def run_dates(report: dict[str, Any]) -> str:
