@@ -87,14 +87,13 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # glue_table.py beside this script
 
 import glue_table  # noqa: E402
-from glue_table import BUDGETS, REPO, Budget  # noqa: E402
+from glue_table import BUDGETS, REPO, Budget, widened  # noqa: E402
 
 from rosa.experiments import glue  # noqa: E402
 from rosa.experiments.methods import METHODS  # noqa: E402
 from rosa.experiments.reporting import format_table, machine_info  # noqa: E402
 
 ROSA_VARIANT = ("rosa_singular_values", "rosa_resample_every", "rosa_rewarmup_steps")  # a ROSA ablation's settings
-REPRODUCE_TOLERANCE = 1e-6  # a rerun of a source run must score this close to reuse the source's runs
 Scores = dict[str, dict[str, dict[str, float]]]  # method -> LR (as "%g") -> seed (as str) -> final dev score
 
 
@@ -112,21 +111,6 @@ def source_scores(result: dict[str, Any], first_seed: int) -> Scores:
 def grid_keys(lr_grid: dict[str, Any]) -> dict[str, list[str]]:
     """Each method's grid LRs as the ``"%g"`` strings that key runs and scores."""
     return {m: [f"{lr:g}" for lr in lr_grid[m]] for m in METHODS}
-
-
-def widened(grid: list[str], chosen: str) -> list[str]:
-    """``grid`` (``"%g"`` LRs) in ascending order, with one LR added past its end when ``chosen`` is its
-    smallest or largest: as many times past that end as the end is past its neighbour, to 2 significant
-    digits (more where 2 would not reach past the end): 1e-3, 2e-3 chosen at 2e-3 adds 4e-3."""
-    lrs = sorted(grid, key=float)
-    if len(lrs) < 2 or chosen not in (lrs[0], lrs[-1]):
-        return lrs
-    top = chosen == lrs[-1]
-    end, neighbour = (float(lrs[-1]), float(lrs[-2])) if top else (float(lrs[0]), float(lrs[1]))
-    exact = end * (end / neighbour)
-    rounded = (f"{float(f'{exact:.{digits}g}'):g}" for digits in range(2, 7))
-    added = next((lr for lr in rounded if (float(lr) > end if top else float(lr) < end)), repr(exact))
-    return [*lrs, added] if top else [added, *lrs]
 
 
 def merged(*many: Scores) -> Scores:
@@ -154,22 +138,6 @@ def train_missing(task: str, wanted: list[tuple[str, str, int]], scores: Scores,
     return len(missing)
 
 
-def check_reproduction(task: str, source: dict[str, Any], seed: int, budget: Budget,
-                       args: argparse.Namespace) -> dict[str, Any]:
-    """Retrain the source's ROSA run at its chosen LR on its first ``seed``; ``RuntimeError`` unless it
-    scores the same (within :data:`REPRODUCE_TOLERANCE`)."""
-    lr = f"{source['chosen']['rosa']['lr']:g}"
-    expected = source["runs"]["rosa"][lr]["final_score"]
-    rerun: Scores = {"rosa": {}}
-    train_missing(task, [("rosa", lr, seed)], rerun, budget, args)
-    got = rerun["rosa"][lr][str(seed)]
-    if abs(got - expected) > REPRODUCE_TOLERANCE:
-        raise RuntimeError(f"{task}: the source's ROSA run (lr {lr}, seed {seed}) scored {expected}, "
-                           f"a rerun here {got}; its runs cannot be reused. Run with the source's torch build, "
-                           "OMP_NUM_THREADS and data, or run glue_table.py afresh.")
-    return {"method": "rosa", "lr": lr, "seed": seed, "source_score": expected, "rerun_score": got}
-
-
 def run_task(task: str, source: dict[str, Any], select: list[int], held_out: list[int], budget: Budget,
              args: argparse.Namespace, previous: Optional[dict[str, Any]] = None,
              reused: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -177,7 +145,7 @@ def run_task(task: str, source: dict[str, Any], select: list[int], held_out: lis
     ``held_out`` ones, for one task; over the source's grid, or the grid of ``previous`` (this task's
     result in an earlier check) widened past the ends it chose. With ``reused`` (this task's result in
     the ``--baseline`` check) only ROSA is chosen; LoRA and full are taken from it."""
-    reproduced = check_reproduction(task, source, select[0], budget, args)
+    reproduced = glue_table.check_reproduction(task, source, select[0], budget, args)
     scores = source_scores(source, select[0])
     grid = grid_keys(budget.lr_grid)
     if previous is not None:
@@ -219,6 +187,9 @@ def load_source(directory: Path, select_seeds: int) -> tuple[dict[str, Any], Bud
     if budget is None or json.loads(json.dumps(glue_table.asdict(budget))) != source["budget"]:
         raise ValueError(f"--source: {path} was run with a budget glue_table.py no longer defines "
                          f"({source['budget_name']}: {source['budget']})")
+    if source.get("widen"):
+        raise ValueError(f"--source: {path} widened the grids of {source['widen']} (glue_table.py --widen), so its "
+                         "grids differ by task; check that table instead and widen the check with --widen")
     if not 1 <= select_seeds < source["seeds"]:
         raise ValueError(f"--select-seeds must be from 1 to {source['seeds'] - 1} so that {path}'s "
                          f"{source['seeds']} seeds leave at least one held out; got {select_seeds}")

@@ -50,6 +50,12 @@ LoRA at that rank and takes only full fine-tuning's runs (which have no rank); t
 has each adapter against its ``DIR`` twin and the change in ROSA minus LoRA. ``glue_heldout.py`` takes a
 finished table and chooses each LR on some seeds and scores it on the others.
 
+``--widen PREVIOUS`` asks whether a grid's end held a choice back: for every trained method and task whose
+seed-0 choice in ``PREVIOUS/glue.json`` (a finished run with the same options) sat at an end of its grid,
+one LR past that end (:func:`widened`) is trained on seed 0 and the choice made again; where it moves, the
+seed repeats are rerun at the new LR. Every other run is reused, once each task's rerun of its chosen ROSA
+run scores what ``PREVIOUS`` holds (same torch build, threads and data).
+
 The no-resample ablation (each run's 480 steps keep ROSA's first random subspace, merged once at the
 end) was fixed and committed before it ran, to be reported whatever it shows: a diagnostic of where
 ROSA's gap to LoRA comes from (resampling, or the SVD-slice factors), not a candidate default.
@@ -126,6 +132,21 @@ seeds cannot tell.
     OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 7 --rank 1 \
         --resample-every 1000000 --baseline benchmarks/results/glue-rank1 \
         --out benchmarks/results/glue-rank1-no-resample                    # ~45 min
+
+Fixed and committed with ``--widen`` before it ran (session 14), reported whatever it shows: the rank-1
+check's grids widened once. In ``glue-rank1`` ROSA chose the top of the shared adapter grid (2e-3) on CoLA,
+RTE and STS-B and its bottom (5e-4) on MRPC, LoRA the top on CoLA and MRPC, so the rank-1 result may be
+one of LRs, not of methods. Added on seed 0: 4e-3 for those five, 2.5e-4 for ROSA on MRPC; each choice
+made again on seed 0, seeds 1-6 rerun where it moved; full fine-tuning stays reused from
+``benchmarks/results`` (its grid not widened: the question is ROSA against LoRA). One widening, as in
+``glue-heldout-wide``: a choice at a new end is reported, not widened again. Read as the rank-1 check
+was: the paired "(rosa - lora) - baseline (rosa - lora)" average (+0.9 [-0.1, +2.0] before widening) and
+"rosa - lora" at rank 1 (-0.6 [-2.0, +0.7]); also how many choices moved. The rank-8 baseline keeps its
+own 3-point grid (its held-out choice, widened in ``glue-heldout-wide``, chose no LR past an end).
+
+    OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 7 --rank 1 \
+        --baseline benchmarks/results --widen benchmarks/results/glue-rank1 \
+        --out benchmarks/results/glue-rank1-wide                           # ~15-55 min
 """
 
 from __future__ import annotations
@@ -164,7 +185,8 @@ BASELINE_SETTINGS = tuple(k for k in SHARED_SETTINGS if k != "rank")
 # The run's variant, which --resume must also share, with the value of reports from before each key existed
 # (they used the split, resampled once per epoch with the budget's re-warmup and trained every method).
 VARIANT_DEFAULTS = {"rosa_singular_values": "split", "rosa_resample_every": None, "rosa_rewarmup_steps": None,
-                    "baseline": None}
+                    "baseline": None, "widen": None}
+REPRODUCE_TOLERANCE = 1e-6  # a rerun of an earlier report's run must score this close to reuse that report's runs
 
 
 @dataclass(frozen=True)
@@ -283,29 +305,88 @@ def run_grid(task: str, budget: Budget, args: argparse.Namespace, methods: list[
     return {"data": data.sizes, "chosen": chosen, "runs": runs}
 
 
+def widened(grid: list[str], chosen: str) -> list[str]:
+    """``grid`` (``"%g"`` LRs) in ascending order, with one LR added past its end when ``chosen`` is its
+    smallest or largest: as many times past that end as the end is past its neighbour, to 2 significant
+    digits (more where 2 would not reach past the end): 1e-3, 2e-3 chosen at 2e-3 adds 4e-3."""
+    lrs = sorted(grid, key=float)
+    if len(lrs) < 2 or chosen not in (lrs[0], lrs[-1]):
+        return lrs
+    top = chosen == lrs[-1]
+    end, neighbour = (float(lrs[-1]), float(lrs[-2])) if top else (float(lrs[0]), float(lrs[1]))
+    exact = end * (end / neighbour)
+    rounded = (f"{float(f'{exact:.{digits}g}'):g}" for digits in range(2, 7))
+    added = next((lr for lr in rounded if (float(lr) > end if top else float(lr) < end)), repr(exact))
+    return [*lrs, added] if top else [added, *lrs]
+
+
+def check_reproduction(task: str, result: dict[str, Any], seed: int, budget: Budget,
+                       args: argparse.Namespace) -> dict[str, Any]:
+    """Retrain the chosen ROSA run of ``result`` (one task of an earlier report) on its first ``seed``;
+    ``RuntimeError`` unless it scores the same (within :data:`REPRODUCE_TOLERANCE`), so that the report's
+    runs can stand beside new ones."""
+    lr = result["chosen"]["rosa"]["lr"]
+    expected = result["runs"]["rosa"][f"{lr:g}"]["final_score"]
+    settings = task_settings(task, budget, args, seed)
+    tokenizer = glue.load_tokenizer(settings.model)
+    got = train("rosa", lr, settings, glue.load_data(settings, tokenizer), tokenizer, args)["final_score"]
+    if abs(got - expected) > REPRODUCE_TOLERANCE:
+        raise RuntimeError(f"{task}: the earlier report's ROSA run (lr {lr:g}, seed {seed}) scored {expected}, a "
+                           f"rerun here {got}; its runs cannot be reused. Run with its torch build, OMP_NUM_THREADS "
+                           "and data, or run afresh.")
+    return {"method": "rosa", "lr": f"{lr:g}", "seed": seed, "source_score": expected, "rerun_score": got}
+
+
+def widen_grid(task: str, previous: dict[str, Any], budget: Budget, args: argparse.Namespace,
+               methods: list[str]) -> dict[str, Any]:
+    """``previous`` (this task's result in the ``--widen`` report) with one LR past each grid end that one of
+    ``methods`` chose there (:func:`widened`), trained on seed ``args.seed``, and each choice made again over
+    the widened grid; a method whose choice moved loses its seed repeats, to be rerun at the new LR. Every
+    other run is reused once a rerun of its chosen ROSA run scores the same (:func:`check_reproduction`)."""
+    reproduced = check_reproduction(task, previous, args.seed, budget, args)
+    settings = task_settings(task, budget, args, args.seed)
+    tokenizer = glue.load_tokenizer(settings.model)
+    data = glue.load_data(settings, tokenizer)
+    runs, chosen, seeds = dict(previous["runs"]), dict(previous["chosen"]), dict(previous["seeds"])
+    added = {}
+    for m in methods:
+        grid = widened(list(runs[m]), f"{chosen[m]['lr']:g}")
+        added[m] = [lr for lr in grid if lr not in runs[m]]
+        runs[m] = {lr: runs[m][lr] if lr in runs[m] else train(m, float(lr), settings, data, tokenizer, args)
+                   for lr in grid}
+        best = max(runs[m].values(), key=lambda r: r["final_score"])
+        if best["lr"] != chosen[m]["lr"]:
+            chosen[m] = best
+            seeds.pop(m, None)  # seed_scores then starts again from the new chosen run
+    return {**previous, "runs": runs, "chosen": chosen, "seeds": seeds,
+            "widened": {m: lrs for m, lrs in added.items() if lrs}, "reproduced": reproduced}
+
+
 def run_seeds(task: str, result: dict[str, Any], budget: Budget, args: argparse.Namespace,
               methods: list[str]) -> dict[str, list[float]]:
     """Final dev score of each of ``methods`` at its chosen LR for seeds ``args.seed`` .. ``args.seed + args.seeds - 1``.
 
     The first is the grid's run; the repeats ``result`` already has are kept, and only the missing
-    ones run (each further seed also draws new train and dev subsets).
+    ones run, method by method (each further seed also draws new train and dev subsets).
     """
     scores = {m: seed_scores(result, m)[:args.seeds] for m in methods}
-    for seed in range(args.seed + len(scores["rosa"]), args.seed + args.seeds):
+    for seed in range(args.seed + min(map(len, scores.values())), args.seed + args.seeds):
         settings = task_settings(task, budget, args, seed)
         tokenizer = glue.load_tokenizer(settings.model)
         data = glue.load_data(settings, tokenizer)
-        for m in methods:
+        for m in (m for m in methods if len(scores[m]) == seed - args.seed):
             scores[m].append(train(m, result["chosen"][m]["lr"], settings, data, tokenizer, args)["final_score"])
     return scores
 
 
 def run_task(task: str, done: Optional[dict[str, Any]], budget: Budget, args: argparse.Namespace,
-             reused: dict[str, Any]) -> dict[str, Any]:
-    """The grid (unless ``done`` has it) and the seed repeats of one task that it lacks. The methods in
-    ``reused`` (method -> its runs, chosen run and seed scores, from ``--baseline``) are not trained."""
+             reused: dict[str, Any], widen: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The grid (unless ``done`` has it; ``widen``'s widened if given) and the seed repeats of one task that it
+    lacks. The methods in ``reused`` (method -> its runs, chosen run and seed scores, from ``--baseline``) are
+    not trained."""
     methods = [m for m in METHODS if m not in reused]
-    result = done or run_grid(task, budget, args, methods)
+    result = done or (widen_grid(task, widen, budget, args, methods) if widen else
+                      run_grid(task, budget, args, methods))
     seeds = run_seeds(task, result, budget, args, methods)
     for m, parts in reused.items():
         result["runs"][m], result["chosen"][m], seeds[m] = parts["runs"], parts["chosen"], parts["seeds"]
@@ -318,11 +399,12 @@ def finished(result: dict[str, Any], seeds: int) -> bool:
 
 
 def run_tasks(todo: dict[str, Optional[dict[str, Any]]], budget: Budget, args: argparse.Namespace,
-              baseline: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+              baseline: dict[str, Any], widen: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(task, result)`` for each task of ``todo`` (task -> its grid result, if done) as it finishes,
-    ``args.workers`` tasks at a time (separate processes); the :func:`reused_by` methods come from ``baseline``."""
+    ``args.workers`` tasks at a time (separate processes); the :func:`reused_by` methods come from ``baseline``,
+    the grids to widen from ``widen`` (the ``--widen`` report's tasks, if any)."""
     reused = reused_by(baseline, args.rank)
-    jobs = {task: (task, done, budget, args, reused_methods(baseline, task, args.seeds, reused))
+    jobs = {task: (task, done, budget, args, reused_methods(baseline, task, args.seeds, reused), widen.get(task))
             for task, done in todo.items()}
     yield from in_workers(run_task, jobs, args.workers)
 
@@ -602,6 +684,8 @@ def run_variant_notes(report: dict[str, Any]) -> list[str]:
                      f"{report['budget']['rewarmup_steps']} steps (Adam's state for the new factors is still reset).")
     if report.get("baseline"):
         notes.append(baseline_note(report))
+    if report.get("widen"):
+        notes.append(widen_note(report))
     cut = report.get("first_seeds_of")
     if cut:
         notes.append(f"**The first {report['seeds']} of the {cut['seeds']} seeds** of `{cut['report']}` (rendered by "
@@ -623,6 +707,21 @@ def baseline_note(report: dict[str, Any]) -> str:
     return (f"**{reused} not trained in this run**: {their} runs, chosen learning rates and seed scores are reused "
             f"from {source}{rank}. A seed fixes every method's subsets, head init and data order, so the pairs stay "
             f"valid; the total wall time is {own}. {baseline_rows}")
+
+
+def widen_note(report: dict[str, Any]) -> str:
+    """What ``--widen`` added to the grids of the report it widened, and what moved."""
+    tasks = report["tasks"]
+    added = [f"{m} {t} {lr}" + (" (now chosen)" if lr == f"{r['chosen'][m]['lr']:g}" else "")
+             for m in METHODS for t, r in tasks.items() for lr in r.get("widened", {}).get(m, [])]
+    largest = max((abs(r["reproduced"]["rerun_score"] - r["reproduced"]["source_score"]) for r in tasks.values()),
+                  default=0.0)
+    return (f"**Grids widened** from `{report['widen']}` (run {report['widen_date']}): wherever a trained method's "
+            f"seed-{report['seed']} choice there sat at an end of its grid, one LR past that end (as far past it as "
+            f"the end is from its neighbour) was trained on seed {report['seed']} and the choice made again; seed "
+            "repeats were rerun where it moved, every other run is reused from that report after each task's rerun "
+            f"of its chosen ROSA run (largest score difference {largest:.0g}); the total wall time is this run's. "
+            f"Added: {', '.join(added) or 'none'}.")
 
 
 def run_dates(report: dict[str, Any]) -> str:
@@ -703,6 +802,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                              "model, rank and seed, at least --seeds seeds) and train only ROSA, e.g. to "
                              "compare a ROSA ablation with the same LoRA and full runs; at another --rank "
                              "only full fine-tuning's runs are reused")
+    parser.add_argument("--widen", type=Path, metavar="PREVIOUS",
+                        help="widen the grids of a finished report (PREVIOUS/glue.json, same settings): one LR past "
+                             "each grid end a trained method chose there, trained on --seed; seed repeats rerun "
+                             "where the choice moves, every other run reused; write to another --out")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: rewrite OUT/glue.md (and the derived fields of OUT/glue.json) "
                              "from OUT/glue.json, or from --from's")
@@ -757,6 +860,28 @@ def load_baseline(directory: Path, report: dict[str, Any]) -> dict[str, Any]:
     return baseline
 
 
+def load_widen(directory: Path, report: dict[str, Any], out: Path) -> dict[str, Any]:
+    """``directory/glue.json``, the finished report whose grids ``--widen`` widens; ``ValueError`` unless it has
+    this run's settings and variant (but perhaps another ``--widen``), every task of it and enough seeds, and
+    is kept apart from ``out``."""
+    path = directory / "glue.json"
+    if directory.resolve() == out.resolve():
+        raise ValueError(f"--widen: {directory} is also --out; write the widened report to another folder")
+    if not path.is_file():
+        raise ValueError(f"--widen: {path} does not exist; pass the --out folder of a finished glue_table run")
+    previous = json.loads(path.read_text())
+    keys = (*SHARED_SETTINGS, *(k for k in VARIANT_DEFAULTS if k != "widen"))
+    mine, theirs = settings_of(report, keys), settings_of(previous, keys)
+    if mine != theirs:
+        raise ValueError(f"--widen: {path} was run with {theirs}, this run is {mine}; pass the options it was run with")
+    missing = [t for t in report["task_list"] if t not in previous.get("tasks", {})]
+    if not previous.get("complete") or missing:
+        raise ValueError(f"--widen: {path} is a partial run; finish it (--resume) first")
+    if previous["seeds"] < report["seeds"]:
+        raise ValueError(f"--widen: {path} has {previous['seeds']} seeds; pass --seeds {previous['seeds']} or fewer")
+    return previous
+
+
 def first_seeds(report: dict[str, Any], count: int, source: Path) -> dict[str, Any]:
     """``report`` (read from ``source``) cut to its first ``count`` seeds: every method's seed scores and the
     ``--baseline`` ROSA's (and LoRA's); ``ValueError`` if a task has fewer."""
@@ -801,6 +926,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             raise SystemExit(f"glue_table: --{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     if args.rewarmup_steps is not None and args.rewarmup_steps < 0:
         raise SystemExit(f"glue_table: --rewarmup-steps must be at least 0, got {args.rewarmup_steps}")
+    if args.report_only and args.widen is not None:
+        raise SystemExit("glue_table: --widen trains; it does not go with --report-only")
     if args.report_only:
         return rewrite_report(args.out, args.source, args.seeds)
     if args.source is not None:
@@ -813,11 +940,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "workers": args.workers, "seeds": args.seeds, "rosa_singular_values": args.singular_values,
         "rosa_resample_every": args.resample_every, "rosa_rewarmup_steps": args.rewarmup_steps,
         "baseline": None if args.baseline is None else str(args.baseline),
+        "widen": None if args.widen is None else str(args.widen),
         "machine": machine_info(), "tasks": {}, "complete": False, "total_seconds": 0.0,
     }
     try:
         previous = previous_report(report, args.out) if args.resume else {}
         baseline = load_baseline(args.baseline, report) if args.baseline else {}
+        widen = load_widen(args.widen, report, args.out) if args.widen else {}
     except ValueError as err:
         raise SystemExit(f"glue_table: {err}") from None
     if previous:  # the first start and every resume, oldest first
@@ -827,12 +956,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         trained = [m for m in ("rosa", "lora") if m not in reused_by(baseline, args.rank)]
         report |= {f"baseline_{m}_seeds": {t: seed_scores(baseline["tasks"][t], m)[:args.seeds] for t in task_list}
                    for m in trained}
+    if widen:
+        report["widen_date"] = widen["machine"]["date"]
     # Every earlier task result stays in each write until its rerun replaces it: a crash while seed
     # repeats are added must not lose a grid from glue.json.
     report["tasks"] = {t: r for t, r in previous.get("tasks", {}).items() if t in task_list}
     start = time.perf_counter() - previous.get("total_seconds", 0.0)
     todo = {t: report["tasks"].get(t) for t in task_list if not finished(report["tasks"].get(t, {}), args.seeds)}
-    record_tasks(run_tasks(todo, BUDGETS[name], args, baseline), report, start, args.out, write_report)
+    record_tasks(run_tasks(todo, BUDGETS[name], args, baseline, widen.get("tasks", {})), report, start, args.out,
+                 write_report)
     report["step_time"] = step_time_ab(BUDGETS[name], TIMING_STEPS[name], args)
     return finish(report, start, args.out, write_report)
 

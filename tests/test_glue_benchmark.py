@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 pytest.importorskip("peft")
 
@@ -47,6 +49,18 @@ def test_tiny_budget_with_two_workers_writes_json_and_markdown(tmp_path):
     assert "Step time, ROSA vs LoRA timed alternately" in md and "2 task(s) trained at a time" in md
     assert " ± " in md and "over 2 seed(s)" in md and "Same for every method: seeds 0 to 1," in md
     assert saved["step_time"]["rosa_seconds"] > 0 and saved["targets"]["rosa_over_lora_step_time"] > 0
+
+    # Widen its grids in two workers: each task's rerun of its chosen ROSA run, in a fresh process, scores the same.
+    subprocess.run([*command[:-1], str(tmp_path / "wide"), "--widen", str(tmp_path)], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wide = json.loads((tmp_path / "wide" / "glue.json").read_text())
+    assert wide["complete"] and wide["widen"] == str(tmp_path)
+    for task in wide["tasks"].values():
+        assert task["reproduced"]["rerun_score"] == task["reproduced"]["source_score"]
+        for method, runs in task["runs"].items():
+            assert len(runs) == len(grid[method]) + 1  # the tiny grids have two LRs: every choice is at an end
+            assert task["chosen"][method] == max(runs.values(), key=lambda r: r["final_score"])
+            assert len(task["seeds"][method]) == 2 and task["seeds"][method][0] == task["chosen"][method]["final_score"]
 
 
 def test_resume_keeps_finished_tasks_and_refuses_other_settings(tmp_path, monkeypatch):
@@ -104,6 +118,12 @@ def test_seed_repeats_run_only_the_seeds_a_task_lacks(monkeypatch):
     args = bench.parse_args(["--tiny", "--seeds", "1"])
     assert bench.run_seeds("RTE", result, bench.BUDGETS["tiny"], args, bench.METHODS) == {m: [0.0] for m in bench.METHODS}
     assert calls == []
+    calls.clear()
+    del result["seeds"]["lora"]  # LoRA has only its grid run (its choice moved in a --widen): it reruns seed 1 alone
+    scores = bench.run_seeds("RTE", result, bench.BUDGETS["tiny"], bench.parse_args(["--tiny", "--seeds", "3"]),
+                             bench.METHODS)
+    assert calls == [("lora", 1e-3, 1), *((m, 1e-3, 2) for m in bench.METHODS)]
+    assert scores == {"rosa": [0.0, 0.1, 0.2], "lora": [0.0, 0.1, 0.2], "full": [0.0, 0.1, 0.2]}
 
 
 def test_seed_range_names_one_seed_or_a_span():
@@ -125,7 +145,7 @@ def test_a_crash_while_adding_seeds_keeps_every_grid_in_glue_json(tmp_path, monk
     (tmp_path / "glue.json").write_text(json.dumps(report))
     monkeypatch.setattr(bench, "markdown", lambda report: "")
 
-    def first_task_then_crash(todo, budget, args, baseline):
+    def first_task_then_crash(todo, budget, args, baseline, widen):
         assert list(todo) == ["RTE", "STS-B"]
         yield "RTE", task([0.5, 0.6])
         raise KeyboardInterrupt  # the run dies before STS-B's new seed is done
@@ -137,7 +157,7 @@ def test_a_crash_while_adding_seeds_keeps_every_grid_in_glue_json(tmp_path, monk
     assert saved["tasks"] == {"RTE": task([0.5, 0.6]), "STS-B": task([0.8])} and not saved["complete"]
 
     todos = []
-    monkeypatch.setattr(bench, "run_tasks", lambda todo, budget, args, baseline: todos.append(todo) or iter(()))
+    monkeypatch.setattr(bench, "run_tasks", lambda todo, budget, args, baseline, widen: todos.append(todo) or iter(()))
     monkeypatch.setattr(bench, "step_time_ab", lambda *a: {})
     monkeypatch.setattr(bench, "target_checks", lambda *a: {})
     bench.main(["--tiny", "--tasks", "rte", "sts-b", "--resume", "--seeds", "2", "--out", str(tmp_path)])
@@ -457,3 +477,122 @@ def test_a_baseline_that_does_not_fit_is_refused_before_training(tmp_path, monke
     with pytest.raises(SystemExit, match=f"glue_table: --baseline: .*{message}"):
         bench.main(argv)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("grid, chosen, expected", [
+    (["0.001", "0.0005", "0.002"], "0.002", ["0.0005", "0.001", "0.002", "0.004"]),
+    (["0.0005", "0.001", "0.002"], "0.0005", ["0.00025", "0.0005", "0.001", "0.002"]),
+    (["0.0005", "0.001", "0.002"], "0.001", ["0.0005", "0.001", "0.002"]),  # an inner choice: unchanged
+    (["3e-05", "0.0001"], "0.0001", ["3e-05", "0.0001", "0.00033"]),  # x 10/3, to 2 significant digits
+    (["3e-05", "0.0001"], "3e-05", ["9e-06", "3e-05", "0.0001"]),
+    (["0.001"], "0.001", ["0.001"]),  # no neighbour, no step to take
+])
+def test_widened_adds_one_lr_past_the_end_that_was_chosen(grid, chosen, expected):
+    assert load_benchmark("glue_table").widened(grid, chosen) == expected
+
+
+@given(st.lists(st.floats(1e-6, 1e-1), min_size=2, max_size=5, unique=True), st.booleans())
+def test_widened_steps_past_the_end_as_far_as_the_end_is_from_its_neighbour(lrs, top):
+    grid = sorted({f"{lr:g}" for lr in lrs}, key=float)
+    if len(grid) < 2:
+        return
+    widened = load_benchmark("glue_table").widened(grid, grid[-1] if top else grid[0])
+    assert len(widened) == len(grid) + 1 and widened == sorted(widened, key=float)
+    end, neighbour, added = (grid[-1], grid[-2], widened[-1]) if top else (grid[0], grid[1], widened[0])
+    assert float(added) / float(end) == pytest.approx(float(end) / float(neighbour), rel=0.051)
+
+
+def lora_peaks_at_2e_3(bench, monkeypatch) -> None:
+    """Make the stand-in LoRA's score fall by 1 past an LR of 2e-3 (ROSA's and full's keep rising with the LR)."""
+    train_method = bench.glue.train_method
+    monkeypatch.setattr(bench.glue, "train_method", lambda method, lr, settings, data, tokenizer: bench.glue.MethodRun(
+        {**(run := train_method(method, lr, settings, data, tokenizer).result),
+         "final_score": run["final_score"] - (method == "lora" and lr > 2e-3)}, None))
+
+
+def test_widen_adds_one_lr_past_each_chosen_end_and_reruns_seeds_only_where_the_choice_moved(tmp_path, monkeypatch):
+    bench = load_benchmark("glue_table")
+    trained = fake_reported_training(bench, monkeypatch)
+    lora_peaks_at_2e_3(bench, monkeypatch)
+    base = bench.main(["--tiny", "--tasks", "rte", "mrpc", "--seeds", "3", "--out", str(tmp_path / "base")])
+    common = ["--tiny", "--tasks", "rte", "mrpc", "--seeds", "3", "--rank", "1", "--baseline", str(tmp_path / "base")]
+    before = bench.main([*common, "--out", str(tmp_path / "rank1")])
+    trained.clear()
+    argv = [*common, "--widen", str(tmp_path / "rank1"), "--out", str(tmp_path / "wide")]
+    report = bench.main(argv)
+    # Each task: the rerun of ROSA's chosen seed-0 run, 4.5e-3 (1.5e-3 x 1.5e-3 / 5e-4) for ROSA and LoRA (full is
+    # reused from the rank-8 base, not widened), then ROSA's seeds 1 and 2 at its new choice; LoRA's did not move.
+    per_task = [("rosa", 0.0015, 0), ("rosa", 0.0045, 0), ("lora", 0.0045, 0), ("rosa", 0.0045, 1), ("rosa", 0.0045, 2)]
+    assert trained == 2 * per_task
+    for task, result in report["tasks"].items():
+        old = before["tasks"][task]
+        assert result["widened"] == {"rosa": ["0.0045"], "lora": ["0.0045"]}
+        assert list(result["runs"]["rosa"]) == ["0.0005", "0.0015", "0.0045"]
+        assert result["runs"]["rosa"]["0.0015"] == old["runs"]["rosa"]["0.0015"]  # reused as it was
+        assert result["chosen"]["rosa"]["lr"] == 0.0045
+        assert result["seeds"]["rosa"] == pytest.approx([0.6 + 0.0045 + s / 100 for s in range(3)])
+        assert (result["chosen"]["lora"], result["seeds"]["lora"]) == (old["chosen"]["lora"], old["seeds"]["lora"])
+        assert result["seeds"]["full"] == base["tasks"][task]["seeds"]["full"]
+        assert result["reproduced"]["rerun_score"] == result["reproduced"]["source_score"]
+    assert report["widen"] == str(tmp_path / "rank1") and report["baseline_rank"] == 8
+    assert report["paired"]["rosa_minus_lora"]["average"]["mean"] == pytest.approx(
+        before["paired"]["rosa_minus_lora"]["average"]["mean"] + 100 * 0.003)
+    md = (tmp_path / "wide" / "glue.md").read_text()
+    assert f"**Grids widened** from `{tmp_path / 'rank1'}` (run {before['machine']['date']})" in md
+    assert ("Added: rosa RTE 0.0045 (now chosen), rosa MRPC 0.0045 (now chosen), lora RTE 0.0045, lora MRPC 0.0045."
+            in md)
+    assert "| rosa | 0.0045 | 0.0045 |" in md and "Grids widened" not in (tmp_path / "rank1" / "glue.md").read_text()
+
+    assert bench.main([*argv, "--resume"])["tasks"] == report["tasks"] and trained == 2 * per_task  # all kept
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--out": "{tmp}/rank1"}, "--widen: {tmp}/rank1 is also --out; write the widened report to another folder"),
+    ({"--widen": "{tmp}/nowhere"}, "--widen: {tmp}/nowhere/glue.json does not exist"),
+    ({"--rank": "8"}, "--widen: {tmp}/rank1/glue.json was run with .*'rank': 1.*this run is .*'rank': 8"),
+    ({"--seeds": "3"}, "--widen: {tmp}/rank1/glue.json has 2 seeds; pass --seeds 2 or fewer"),
+    ({"--report-only": None}, "--widen trains; it does not go with --report-only"),
+])
+def test_a_widen_that_does_not_fit_is_refused_before_training(tmp_path, monkeypatch, change, message):
+    bench = load_benchmark("glue_table")
+    trained = fake_reported_training(bench, monkeypatch)
+    bench.main(["--tiny", "--tasks", "rte", "--seeds", "3", "--out", str(tmp_path / "base")])
+    bench.main(["--tiny", "--tasks", "rte", "--seeds", "2", "--rank", "1", "--baseline", str(tmp_path / "base"),
+                "--out", str(tmp_path / "rank1")])
+    options = {"--tasks": "rte", "--seeds": "2", "--rank": "1", "--baseline": "{tmp}/base", "--widen": "{tmp}/rank1",
+               "--out": "{tmp}/wide", **change}
+    argv = ["--tiny"] + [arg.format(tmp=tmp_path) for k, v in options.items() for arg in (k, v) if arg is not None]
+    trained.clear()
+    with pytest.raises(SystemExit, match="glue_table: " + message.format(tmp=tmp_path)):
+        bench.main(argv)
+    assert trained == [] and not (tmp_path / "wide").exists()
+
+
+def test_widen_needs_a_rerun_of_the_earlier_report_to_score_what_it_holds(tmp_path, monkeypatch):
+    bench = load_benchmark("glue_table")
+    monkeypatch.setattr(bench, "markdown", lambda report: "")
+    crash_after = [None]
+    trained = fake_training(bench, monkeypatch, crash_after)
+    argv = ["--tiny", "--tasks", "rte", "--seeds", "2"]
+    bench.main([*argv, "--out", str(tmp_path / "first")])
+    wide = [*argv, "--widen", str(tmp_path / "first"), "--out", str(tmp_path / "wide")]
+    trained.clear()
+    crash_after[0] = 2  # the rerun and ROSA's widened run finish, LoRA's widened run dies
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(wide)
+    assert trained == [("rosa", 0.0015, 0), ("rosa", 0.0045, 0)]
+    trained.clear()
+    crash_after[0] = None
+    report = bench.main([*wide, "--resume"])  # the two finished runs are reused
+    assert trained[:2] == [("lora", 0.0045, 0), ("full", 0.00033, 0)]
+    assert {m: r["lr"] for m, r in report["tasks"]["RTE"]["chosen"].items()} == {
+        "rosa": 0.0045, "lora": 0.0045, "full": 0.00033}
+
+    changed = json.loads((tmp_path / "first" / "glue.json").read_text())
+    changed["tasks"]["RTE"]["runs"]["rosa"]["0.0015"]["final_score"] += 1e-3  # as if run with another torch build
+    (tmp_path / "first" / "glue.json").write_text(json.dumps(changed))
+    trained.clear()
+    with pytest.raises(RuntimeError, match=r"RTE: the earlier report's ROSA run \(lr 0.0015, seed 0\) scored .* "
+                                           "its runs cannot be reused"):
+        bench.main([*wide[:-1], str(tmp_path / "wide2")])
+    assert trained == [("rosa", 0.0015, 0)]  # the rerun alone: nothing was widened

@@ -9,8 +9,6 @@ import json
 import statistics
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 pytest.importorskip("peft")
 
@@ -36,29 +34,6 @@ def test_runs_repeat_the_sources_rosa_variant(variant, expected, tmp_path):
     settings = bench.task_settings("RTE", bench.BUDGETS["tiny"], heldout.run_arguments(args, source), seed=4)
     assert (settings.singular_values, settings.resample_every, settings.rewarmup_steps) == expected
     assert (settings.model, settings.rank, settings.seed) == ("minilm", 8, 4)
-
-
-@pytest.mark.parametrize("grid, chosen, expected", [
-    (["0.001", "0.0005", "0.002"], "0.002", ["0.0005", "0.001", "0.002", "0.004"]),
-    (["0.0005", "0.001", "0.002"], "0.0005", ["0.00025", "0.0005", "0.001", "0.002"]),
-    (["0.0005", "0.001", "0.002"], "0.001", ["0.0005", "0.001", "0.002"]),  # an inner choice: unchanged
-    (["3e-05", "0.0001"], "0.0001", ["3e-05", "0.0001", "0.00033"]),  # x 10/3, to 2 significant digits
-    (["3e-05", "0.0001"], "3e-05", ["9e-06", "3e-05", "0.0001"]),
-    (["0.001"], "0.001", ["0.001"]),  # no neighbour, no step to take
-])
-def test_widened_adds_one_lr_past_the_end_that_was_chosen(grid, chosen, expected):
-    assert load_benchmark("glue_heldout").widened(grid, chosen) == expected
-
-
-@given(st.lists(st.floats(1e-6, 1e-1), min_size=2, max_size=5, unique=True), st.booleans())
-def test_widened_steps_past_the_end_as_far_as_the_end_is_from_its_neighbour(lrs, top):
-    grid = sorted({f"{lr:g}" for lr in lrs}, key=float)
-    if len(grid) < 2:
-        return
-    widened = load_benchmark("glue_heldout").widened(grid, grid[-1] if top else grid[0])
-    assert len(widened) == len(grid) + 1 and widened == sorted(widened, key=float)
-    end, neighbour, added = (grid[-1], grid[-2], widened[-1]) if top else (grid[0], grid[1], widened[0])
-    assert float(added) / float(end) == pytest.approx(float(end) / float(neighbour), rel=0.051)
 
 
 def test_merged_keeps_every_run_and_the_later_score_of_a_repeated_one():
@@ -148,13 +123,15 @@ def test_a_source_run_that_does_not_reproduce_stops_before_its_runs_are_reused(s
     ("partial", "is a partial run"),
     ("budget", "budget glue_table.py no longer defines"),
     ("seeds", "--select-seeds must be from 1 to 2"),
+    ("widened", "widened the grids of .*/wider \\(glue_table.py --widen\\), so its grids differ by task"),
 ])
 def test_a_source_that_cannot_be_checked_is_refused_before_anything_is_written(tmp_path, monkeypatch, change, message):
     heldout = load_benchmark("glue_heldout")
     monkeypatch.setattr(heldout.glue_table, "train", lambda *a: pytest.fail("trained"))
     budget = json.loads(json.dumps(heldout.glue_table.asdict(heldout.BUDGETS["tiny"])))
     report = {"complete": change != "partial", "budget_name": "tiny", "seeds": 3,
-              "budget": {**budget, "epochs": 2} if change == "budget" else budget}
+              "budget": {**budget, "epochs": 2} if change == "budget" else budget,
+              "widen": str(tmp_path / "wider") if change == "widened" else None}
     source = tmp_path / "source"
     if change != "missing":
         source.mkdir()
