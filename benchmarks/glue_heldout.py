@@ -43,6 +43,9 @@ full fine-tuning's runs from another table): ``PREVIOUS`` is the finished check 
 same seeds. Only ROSA is chosen and trained here; LoRA's and full fine-tuning's grids, choices and held-out
 scores are ``PREVIOUS``'s (the runs are the same runs: every score the two hold in common must agree), and
 the paired table adds ROSA minus ``PREVIOUS``'s held-out ROSA, the ablation's effect under a held-out choice.
+A ``glue_table.py --rank`` source (which reused only full fine-tuning's runs from a table of another rank) takes
+only full fine-tuning from ``PREVIOUS``, the check of that table: ROSA and LoRA are both chosen here, and the
+paired table also has LoRA minus ``PREVIOUS``'s LoRA and the change in ROSA minus LoRA between the two ranks.
 The committed ``benchmarks/results/glue-heldout-no-resample`` is ::
 
     OMP_NUM_THREADS=1 python benchmarks/glue_heldout.py --workers 2 --select-seeds 3 \\
@@ -72,6 +75,22 @@ under a held-out choice (about 35 min), read by the same rules and reported what
     OMP_NUM_THREADS=1 python benchmarks/glue_heldout.py --workers 2 --select-seeds 3 \\
         --source benchmarks/results/glue-ablation-no-rewarmup --baseline benchmarks/results/glue-heldout \\
         --out benchmarks/results/glue-heldout-no-rewarmup
+
+Fixed and committed with the other-rank ``--baseline`` (session 14), while ``glue_table.py --widen`` widened the
+rank-1 table's grids and before that result was seen, run next and reported whatever it shows: the rank-1 table
+(``glue-rank1``: ROSA and LoRA at rank 1, full reused from the rank-8 table) checked the same way, seeds 0 to 2
+choosing each adapter's LR over the table's grid, seeds 3 to 6 scoring it, full fine-tuning taken from
+``glue-heldout`` (about 55 min) ::
+
+    OMP_NUM_THREADS=1 python benchmarks/glue_heldout.py --workers 2 --select-seeds 3 \\
+        --source benchmarks/results/glue-rank1 --baseline benchmarks/results/glue-heldout \\
+        --out benchmarks/results/glue-heldout-rank1
+
+Question: does the rank check's reading survive a held-out choice? Read from the paired "(rosa - lora) -
+baseline (rosa - lora)" average on seeds 3 to 6 (rank-1 ROSA minus LoRA, less the same in ``glue-heldout`` at
+rank 8; +0.9 [-0.1, +2.0] on seeds 0 to 6 with the seed-0 choice): above 0, ROSA's standing against LoRA
+improves at rank 1; below 0, it worsens; an interval containing 0, four seeds cannot tell. Also read: "rosa -
+lora" at rank 1 and "lora - baseline lora" (does rank 1 still cost LoRA under this choice).
 """
 
 from __future__ import annotations
@@ -143,15 +162,17 @@ def run_task(task: str, source: dict[str, Any], select: list[int], held_out: lis
              reused: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Choose each method's LR on the ``select`` seeds (the source's first seeds) and score it on the
     ``held_out`` ones, for one task; over the source's grid, or the grid of ``previous`` (this task's
-    result in an earlier check) widened past the ends it chose. With ``reused`` (this task's result in
-    the ``--baseline`` check) only ROSA is chosen; LoRA and full are taken from it."""
+    result in an earlier check) widened past the ends it chose. ``reused`` (this task's result in the
+    ``--baseline`` check, cut to the methods it lends: see :func:`lent_methods`) is taken as it is; only the
+    other methods are chosen."""
     reproduced = glue_table.check_reproduction(task, source, select[0], budget, args)
     scores = source_scores(source, select[0])
     grid = grid_keys(budget.lr_grid)
     if previous is not None:
         scores = merged(scores, previous["scores"])
         grid = {m: widened(previous.get("grid", grid)[m], previous["chosen_lr"][m]) for m in METHODS}
-    methods = [m for m in METHODS if reused is None or m not in glue_table.REUSED]
+    lent = reused["seeds"] if reused is not None else {}
+    methods = [m for m in METHODS if m not in lent]
     trained = train_missing(task, [(m, lr, s) for s in select for m in methods for lr in grid[m]], scores, budget, args)
     selection_means = {m: {lr: statistics.fmean(scores[m][lr][str(s)] for s in select) for lr in grid[m]}
                        for m in methods}
@@ -166,7 +187,7 @@ def run_task(task: str, source: dict[str, Any], select: list[int], held_out: lis
     if reused is not None:
         taken = {"grid": reused.get("grid", grid),  # checks before --widen kept no grid
                  **{k: reused[k] for k in ("chosen_lr", "selection_means", "seeds", "scores")}}
-        result |= {k: {m: (taken[k] if m in glue_table.REUSED else result[k])[m] for m in METHODS} for k in taken}
+        result |= {k: {m: (taken[k] if m in lent else result[k])[m] for m in METHODS} for k in taken}
     return result
 
 
@@ -222,28 +243,35 @@ def load_widened(directory: Path, report: dict[str, Any], out: Path) -> dict[str
 
 
 def load_baseline(directory: Path, report: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
-    """The tasks of the finished check in ``directory`` that ``--baseline`` takes LoRA and full from;
-    ``ValueError`` unless ``source`` is a ROSA ablation whose LoRA and full runs are the ones that check
-    scored, with the same budget and seeds."""
+    """The finished check in ``directory`` that ``--baseline`` takes the :func:`lent_methods` from; ``ValueError``
+    unless ``source`` is a ``glue_table.py --baseline`` report (a ROSA ablation, or a run at another rank) of
+    the table that check checked: same budget and seeds, that table's rank, the same runs of those methods."""
     if not source.get("baseline"):
         raise ValueError("--baseline: --source trained its own LoRA and full runs; --baseline is for a ROSA "
                          "ablation made with glue_table.py --baseline, whose other table that check checked")
     previous = load_check(directory, report, "--baseline")
     path = directory / "heldout.json"
     differ = [key for key in ("select_seeds", "held_out_seeds") if previous[key] != report[key]]
-    differ += [key for key in (*glue_table.SHARED_SETTINGS, "seeds") if previous["source"][key] != report["source"][key]]
+    table = {**report["source"], "rank": source.get("baseline_rank", source["rank"])}  # the table the source reused
+    differ += [key for key in (*glue_table.SHARED_SETTINGS, "seeds") if previous["source"][key] != table[key]]
     if differ:
         raise ValueError(f"--baseline: {path} checked another budget, rank or seeds ({', '.join(differ)} differ); pass "
                          f"the check of {source['baseline']} with --select-seeds {len(report['select_seeds'])}")
     for task, result in previous["tasks"].items():
         ours = source_scores(source["tasks"][task], report["select_seeds"][0])
-        for method, lr, seed, score in ((m, lr, s, x) for m in glue_table.REUSED for lr, by_seed in ours[m].items()
+        for method, lr, seed, score in ((m, lr, s, x) for m in lent_methods(previous, source) for lr, by_seed in ours[m].items()
                                         for s, x in by_seed.items()):
             theirs = result["scores"][method].get(lr, {}).get(seed, score)
             if theirs != score:
                 raise ValueError(f"--baseline: {path} scored {method} on {task} at lr {lr}, seed {seed} {theirs}, the "
                                  f"source {score}: not the runs the source reused; pass the check of {source['baseline']}")
-    return previous["tasks"]
+    return previous
+
+
+def lent_methods(check: dict[str, Any], source: dict[str, Any]) -> tuple[str, ...]:
+    """The methods a ``--baseline`` check lends: those ``source`` reused from the table it checked (LoRA and full,
+    or full alone when the source has another rank)."""
+    return glue_table.reused_by(check["source"], source["rank"])
 
 
 def finished_tasks(out: Path, report: dict[str, Any]) -> dict[str, Any]:
@@ -283,7 +311,13 @@ def variant_note(report: dict[str, Any]) -> list[str]:
     if ran != default:  # an ablation
         notes.append(f"**ROSA ablation** (as the source ran it): singular values `{variant['rosa_singular_values']}`, "
                      f"resampling {glue_table.resample_phrase(variant)}, {glue_table.rewarmup_phrase(variant)}.")
-    if report.get("baseline_dir"):
+    if report.get("baseline_rank", report["source"]["rank"]) != report["source"]["rank"]:
+        notes.append(f"**Full fine-tuning was not chosen or trained in this check**: its grid, choice and held-out "
+                     f"scores are those of the check in `{report['baseline_dir']}`, whose source's runs this source "
+                     f"reused (its ROSA and LoRA had rank {report['baseline_rank']}). `baseline rosa` and `baseline "
+                     "lora` in the paired table are that check's held-out ROSA and LoRA, and `(rosa - lora) - baseline "
+                     "(rosa - lora)` is how much ROSA's difference from LoRA changed with the rank.")
+    elif report.get("baseline_dir"):
         notes.append(f"**LoRA and full fine-tuning were not chosen or trained in this check**: their grids, choices and "
                      f"held-out scores are those of the check in `{report['baseline_dir']}`, whose source's runs this "
                      "source reused. `baseline rosa` in the paired table is that check's held-out ROSA.")
@@ -384,8 +418,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="folder of a finished glue_heldout.py run of the same source and seeds: add one LR "
                              "past each end of the grid it chose, train it and choose again")
     parser.add_argument("--baseline", type=Path, default=None,
-                        help="for a --source that is a ROSA ablation (glue_table.py --baseline): folder of the finished "
-                             "check of the table it reused LoRA and full from; only ROSA is chosen and trained")
+                        help="for a --source made with glue_table.py --baseline: folder of the finished check of the "
+                             "table it reused runs from; only ROSA (LoRA too at another --rank) is chosen and trained")
     parser.add_argument("--workers", type=int, default=1,
                         help="tasks trained at once, each in its own process (at most the CPU cores; "
                              "with OMP_NUM_THREADS=1 each)")
@@ -416,11 +450,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         raise SystemExit("glue_heldout: --widen and --baseline cannot be combined; run the check first, then widen it")
     try:
         previous = load_widened(args.widen, report, args.out) if args.widen else {}
-        reused = load_baseline(args.baseline, report, source) if args.baseline else {}
+        check = load_baseline(args.baseline, report, source) if args.baseline else {}
     except ValueError as err:
         raise SystemExit(f"glue_heldout: {err}") from None
-    if reused:
-        report["baseline_rosa_seeds"] = {t: result["seeds"]["rosa"] for t, result in reused.items()}
+    reused = {}
+    if check:
+        lent = lent_methods(check, source)
+        reused = {t: {k: {m: r[k][m] for m in lent} for k in ("grid", "chosen_lr", "selection_means", "seeds", "scores")
+                      if k in r} for t, r in check["tasks"].items()}
+        report["baseline_rank"] = check["source"]["rank"]
+        report |= {f"baseline_{m}_seeds": {t: r["seeds"][m] for t, r in check["tasks"].items()}
+                   for m in ("rosa", "lora") if m not in lent}
     report["tasks"] = finished_tasks(args.out, report)
     run_args = run_arguments(args, source)
     start = time.perf_counter()

@@ -246,6 +246,34 @@ def test_baseline_chooses_only_rosa_and_takes_lora_and_full_from_the_check_of_th
 
 @pytest.mark.real_model
 @needs_glue
+def test_a_baseline_check_of_another_rank_lends_only_full_and_pairs_both_adapters_with_its_own(
+        source, checked, tmp_path, monkeypatch):
+    (checked_dir, before), bench = checked, load_benchmark("glue_table")
+    rank1 = bench.main(["--tiny", "--tasks", "rte", "--seeds", "3", "--rank", "1", "--baseline", str(source[0]),
+                        "--data-dir", str(GLUE_DIR), "--out", str(tmp_path / "rank1")])
+    heldout = load_benchmark("glue_heldout")
+    trained, train = [], heldout.glue_table.train
+    monkeypatch.setattr(heldout.glue_table, "train", lambda method, *a: trained.append(method) or train(method, *a))
+    report = heldout.main(heldout_args(tmp_path / "rank1", tmp_path / "out") + ["--baseline", str(checked_dir)])
+    assert report["complete"] and report["baseline_rank"] == 8 and set(trained) == {"rosa", "lora"}
+    task, previous, given = report["tasks"]["RTE"], before["tasks"]["RTE"], rank1["tasks"]["RTE"]
+    assert all(task[k]["full"] == previous[k]["full"] for k in ("chosen_lr", "selection_means", "seeds", "scores"))
+    for method in ("rosa", "lora"):  # chosen here over this source's rank-1 runs
+        scores = task["scores"][method]
+        assert scores[f"{given['chosen'][method]['lr']:g}"]["0"] == given["chosen"][method]["final_score"]
+        means = {lr: statistics.fmean([scores[lr]["0"], scores[lr]["1"]]) for lr in task["selection_means"][method]}
+        assert task["chosen_lr"][method] == max(means, key=means.get)
+        assert report[f"baseline_{method}_seeds"] == {"RTE": previous["seeds"][method]}
+    gap = report["paired"]["gap_change"]["RTE"]["mean"]
+    assert gap == pytest.approx(100 * (task["seeds"]["rosa"][0] - task["seeds"]["lora"][0]
+                                       - previous["seeds"]["rosa"][0] + previous["seeds"]["lora"][0]))
+    md = (tmp_path / "out" / "heldout.md").read_text()
+    assert "**Full fine-tuning was not chosen or trained in this check**" in md and "had rank 8)" in md
+    assert "| (rosa - lora) - baseline (rosa - lora) |" in md and "| lora - baseline lora |" in md
+
+
+@pytest.mark.real_model
+@needs_glue
 @pytest.mark.parametrize("change, message", [
     ("not an ablation", "--source trained its own LoRA and full runs"),
     ("with widen", "--widen and --baseline cannot be combined"),
