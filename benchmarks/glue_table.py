@@ -596,7 +596,8 @@ def markdown(report: dict[str, Any]) -> str:
         row["ms/step"] = 1000 * sum(c["step_seconds_median"] for c in chosen) / max(len(chosen), 1)
         rows.append(row)
     lr_rows = [{"method": m, **{t: f"{tasks[t]['chosen'][m]['lr']:g}" for t in names},
-                "grid": ", ".join(f"{lr:g}" for lr in budget["lr_grid"][m])} for m in METHODS]
+                "grid": grid_cell(budget["lr_grid"][m], {t: r.get("widened", {}).get(m, []) for t, r in tasks.items()})}
+               for m in METHODS]
     sizes = [f"{t} {tasks[t]['data']['train_samples']}/{tasks[t]['data']['train_total']} train, "
              f"{tasks[t]['data']['eval_samples']}/{tasks[t]['data']['eval_total']} dev" for t in names]
     metric = {t: "/".join(get_task_spec(t).main_metrics) for t in names}
@@ -650,6 +651,16 @@ def markdown(report: dict[str, Any]) -> str:
     if report["targets"]:
         lines += ["", targets_line(report["targets"])]
     return "\n".join(lines) + "\n"
+
+
+def grid_cell(grid: list[float], added: dict[str, list[str]]) -> str:
+    """A method's grid, then the LRs ``--widen`` added to it by task (task -> ``"%g"`` LRs):
+    ``"0.001, 0.002; CoLA, RTE +0.004"``."""
+    tasks_of: dict[str, list[str]] = {}
+    for task, lrs in added.items():
+        for lr in lrs:
+            tasks_of.setdefault(lr, []).append(task)
+    return ", ".join(f"{lr:g}" for lr in grid) + "".join(f"; {', '.join(t)} +{lr}" for lr, t in tasks_of.items())
 
 
 def resample_phrase(report: dict[str, Any]) -> str:

@@ -502,6 +502,13 @@ def test_widened_steps_past_the_end_as_far_as_the_end_is_from_its_neighbour(lrs,
     assert float(added) / float(end) == pytest.approx(float(end) / float(neighbour), rel=0.051)
 
 
+def test_the_grid_cell_lists_what_widen_added_task_by_task():
+    grid_cell = load_benchmark("glue_table").grid_cell
+    assert grid_cell([5e-4, 1e-3, 2e-3], {}) == "0.0005, 0.001, 0.002"
+    assert grid_cell([5e-4, 1e-3, 2e-3], {"CoLA": ["0.004"], "MRPC": ["0.00025"], "RTE": [], "STS-B": ["0.004"]}) == (
+        "0.0005, 0.001, 0.002; CoLA, STS-B +0.004; MRPC +0.00025")
+
+
 def lora_peaks_at_2e_3(bench, monkeypatch) -> None:
     """Make the stand-in LoRA's score fall by 1 past an LR of 2e-3 (ROSA's and full's keep rising with the LR)."""
     train_method = bench.glue.train_method
@@ -541,7 +548,9 @@ def test_widen_adds_one_lr_past_each_chosen_end_and_reruns_seeds_only_where_the_
     assert f"**Grids widened** from `{tmp_path / 'rank1'}` (run {before['machine']['date']})" in md
     assert ("Added: rosa RTE 0.0045 (now chosen), rosa MRPC 0.0045 (now chosen), lora RTE 0.0045, lora MRPC 0.0045."
             in md)
-    assert "| rosa | 0.0045 | 0.0045 |" in md and "Grids widened" not in (tmp_path / "rank1" / "glue.md").read_text()
+    assert "| rosa | 0.0045 | 0.0045 | 0.0005, 0.0015; RTE, MRPC +0.0045 |" in md
+    assert "| full | 0.0001 | 0.0001 | 3e-05, 0.0001 |" in md  # reused, not widened
+    assert "Grids widened" not in (tmp_path / "rank1" / "glue.md").read_text()
 
     assert bench.main([*argv, "--resume"])["tasks"] == report["tasks"] and trained == 2 * per_task  # all kept
 
