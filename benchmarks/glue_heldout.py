@@ -91,6 +91,20 @@ baseline (rosa - lora)" average on seeds 3 to 6 (rank-1 ROSA minus LoRA, less th
 rank 8; +0.9 [-0.1, +2.0] on seeds 0 to 6 with the seed-0 choice): above 0, ROSA's standing against LoRA
 improves at rank 1; below 0, it worsens; an interval containing 0, four seeds cannot tell. Also read: "rosa -
 lora" at rank 1 and "lora - baseline lora" (does rank 1 still cost LoRA under this choice).
+
+Fixed and committed after that check had run (+0.9 [-1.3, +3.0]), before this ran, reported whatever it shows:
+the rank-1 no-resample ablation (``glue-rank1-no-resample``, one rank-1 subspace for all 480 steps) checked
+the same way, LoRA and full taken from ``glue-heldout-rank1`` (about 30 min) ::
+
+    OMP_NUM_THREADS=1 python benchmarks/glue_heldout.py --workers 2 --select-seeds 3 \\
+        --source benchmarks/results/glue-rank1-no-resample --baseline benchmarks/results/glue-heldout-rank1 \\
+        --out benchmarks/results/glue-heldout-rank1-no-resample
+
+Question: does never resampling still beat resampling once per epoch at rank 1 (+1.0 [+0.3, +1.7] with the
+seed-0 choice) when both ROSAs' LRs are chosen on seeds 0 to 2? Read from the paired "rosa - baseline rosa"
+average on seeds 3 to 6: above 0, resampling costs at rank 1; below 0, it pays; an interval containing 0, four
+seeds cannot tell. "rosa - lora" is read too. Known before it ran: both ROSAs choose over the unwidened grid,
+whose top end the per-epoch one chose on every task there.
 """
 
 from __future__ import annotations
