@@ -127,6 +127,7 @@ from rosa.experiments.methods import METHODS  # noqa: E402
 from rosa.experiments.reporting import format_table, machine_info  # noqa: E402
 
 ROSA_VARIANT = ("rosa_singular_values", "rosa_resample_every", "rosa_rewarmup_steps")  # a ROSA ablation's settings
+LENT_KEYS = ("chosen_lr", "selection_means", "seeds", "scores")  # what a --baseline check lends of each lent method
 Scores = dict[str, dict[str, dict[str, float]]]  # method -> LR (as "%g") -> seed (as str) -> final dev score
 
 
@@ -200,7 +201,7 @@ def run_task(task: str, source: dict[str, Any], select: list[int], held_out: lis
     }
     if reused is not None:
         taken = {"grid": reused.get("grid", grid),  # checks before --widen kept no grid
-                 **{k: reused[k] for k in ("chosen_lr", "selection_means", "seeds", "scores")}}
+                 **{k: reused[k] for k in LENT_KEYS}}
         result |= {k: {m: (taken[k] if m in lent else result[k])[m] for m in METHODS} for k in taken}
     return result
 
@@ -325,17 +326,22 @@ def variant_note(report: dict[str, Any]) -> list[str]:
     if ran != default:  # an ablation
         notes.append(f"**ROSA ablation** (as the source ran it): singular values `{variant['rosa_singular_values']}`, "
                      f"resampling {glue_table.resample_phrase(variant)}, {glue_table.rewarmup_phrase(variant)}.")
-    if report.get("baseline_rank", report["source"]["rank"]) != report["source"]["rank"]:
-        notes.append(f"**Full fine-tuning was not chosen or trained in this check**: its grid, choice and held-out "
-                     f"scores are those of the check in `{report['baseline_dir']}`, whose source's runs this source "
-                     f"reused (its ROSA and LoRA had rank {report['baseline_rank']}). `baseline rosa` and `baseline "
-                     "lora` in the paired table are that check's held-out ROSA and LoRA, and `(rosa - lora) - baseline "
-                     "(rosa - lora)` is how much ROSA's difference from LoRA changed with the rank.")
-    elif report.get("baseline_dir"):
-        notes.append(f"**LoRA and full fine-tuning were not chosen or trained in this check**: their grids, choices and "
-                     f"held-out scores are those of the check in `{report['baseline_dir']}`, whose source's runs this "
-                     "source reused. `baseline rosa` in the paired table is that check's held-out ROSA.")
+    if report.get("baseline_dir"):
+        notes.append(lent_note(report))
     return ["", " ".join(notes)] if notes else []
+
+
+def lent_note(report: dict[str, Any]) -> str:
+    """What a ``--baseline`` check lent: LoRA and full, or full alone when the source has another rank."""
+    other_rank = report.get("baseline_rank", report["source"]["rank"]) != report["source"]["rank"]
+    lent, theirs = (("Full fine-tuning was", "its grid, choice") if other_rank else
+                    ("LoRA and full fine-tuning were", "their grids, choices"))
+    rank = f" (its ROSA and LoRA had rank {report['baseline_rank']})" if other_rank else ""
+    rows = ("`baseline rosa` and `baseline lora` in the paired table are that check's held-out ROSA and LoRA, and "
+            "`(rosa - lora) - baseline (rosa - lora)` is how much ROSA's difference from LoRA changed with the rank."
+            if other_rank else "`baseline rosa` in the paired table is that check's held-out ROSA.")
+    return (f"**{lent} not chosen or trained in this check**: {theirs} and held-out scores are those of the check in "
+            f"`{report['baseline_dir']}`, whose source's runs this source reused{rank}. {rows}")
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -354,8 +360,7 @@ def markdown(report: dict[str, Any]) -> str:
     added = [(m, t, lr) for t in names for m in METHODS for lr in grids[t][m] if lr not in source_grid[m]]
     changes = [f"{m} on {t} {tasks[t]['source_chosen_lr'][m]} -> {tasks[t]['chosen_lr'][m]}"
                for t in names for m in METHODS if tasks[t]["chosen_lr"][m] != tasks[t]["source_chosen_lr"][m]]
-    largest = max((abs(t["reproduced"]["rerun_score"] - t["reproduced"]["source_score"]) for t in tasks.values()),
-                  default=0.0)
+    largest = glue_table.largest_rerun_difference(tasks)
     lines = [
         f"# GLUE learning rates chosen on {glue_table.seed_range(select[0], len(select))}, scored on "
         f"{glue_table.seed_range(held_out[0], len(held_out))} ({source['model']}, rank {source['rank']})",
@@ -470,8 +475,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     reused = {}
     if check:
         lent = lent_methods(check, source)
-        reused = {t: {k: {m: r[k][m] for m in lent} for k in ("grid", "chosen_lr", "selection_means", "seeds", "scores")
-                      if k in r} for t, r in check["tasks"].items()}
+        reused = {t: {k: {m: r[k][m] for m in lent} for k in ("grid", *LENT_KEYS) if k in r}
+                  for t, r in check["tasks"].items()}
         report["baseline_rank"] = check["source"]["rank"]
         report |= {f"baseline_{m}_seeds": {t: r["seeds"][m] for t, r in check["tasks"].items()}
                    for m in ("rosa", "lora") if m not in lent}

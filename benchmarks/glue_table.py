@@ -337,6 +337,12 @@ def check_reproduction(task: str, result: dict[str, Any], seed: int, budget: Bud
     return {"method": "rosa", "lr": f"{lr:g}", "seed": seed, "source_score": expected, "rerun_score": got}
 
 
+def largest_rerun_difference(tasks: dict[str, Any]) -> float:
+    """The largest score difference of the tasks' :func:`check_reproduction` reruns (0 for none)."""
+    return max((abs(r["reproduced"]["rerun_score"] - r["reproduced"]["source_score"]) for r in tasks.values()),
+               default=0.0)
+
+
 def widen_grid(task: str, previous: dict[str, Any], budget: Budget, args: argparse.Namespace,
                methods: list[str]) -> dict[str, Any]:
     """``previous`` (this task's result in the ``--widen`` report) with one LR past each grid end that one of
@@ -725,8 +731,7 @@ def widen_note(report: dict[str, Any]) -> str:
     tasks = report["tasks"]
     added = [f"{m} {t} {lr}" + (" (now chosen)" if lr == f"{r['chosen'][m]['lr']:g}" else "")
              for m in METHODS for t, r in tasks.items() for lr in r.get("widened", {}).get(m, [])]
-    largest = max((abs(r["reproduced"]["rerun_score"] - r["reproduced"]["source_score"]) for r in tasks.values()),
-                  default=0.0)
+    largest = largest_rerun_difference(tasks)
     return (f"**Grids widened** from `{report['widen']}` (run {report['widen_date']}): wherever a trained method's "
             f"seed-{report['seed']} choice there sat at an end of its grid, one LR past that end (as far past it as "
             f"the end is from its neighbour) was trained on seed {report['seed']} and the choice made again; seed "
