@@ -126,7 +126,8 @@ from rosa.experiments import glue  # noqa: E402
 from rosa.experiments.methods import METHODS  # noqa: E402
 from rosa.experiments.reporting import format_table, machine_info  # noqa: E402
 
-ROSA_VARIANT = ("rosa_singular_values", "rosa_resample_every", "rosa_rewarmup_steps")  # a ROSA ablation's settings
+ROSA_VARIANT = ("rosa_singular_values", "rosa_resample_every", "rosa_rewarmup_steps",  # a ROSA ablation's settings
+                "rosa_selection")
 LENT_KEYS = ("chosen_lr", "selection_means", "seeds", "scores")  # what a --baseline check lends of each lent method
 Scores = dict[str, dict[str, dict[str, float]]]  # method -> LR (as "%g") -> seed (as str) -> final dev score
 
@@ -308,24 +309,27 @@ def run_arguments(args: argparse.Namespace, source: dict[str, Any]) -> argparse.
     return argparse.Namespace(
         data_dir=args.data_dir, model=source["model"], rank=source["rank"],
         singular_values=variant["rosa_singular_values"], resample_every=variant["rosa_resample_every"],
-        rewarmup_steps=variant["rosa_rewarmup_steps"],
+        rewarmup_steps=variant["rosa_rewarmup_steps"], selection=variant["rosa_selection"],
         out=args.out, resume=True)
 
 
 def rosa_variant(source: dict[str, Any]) -> dict[str, Any]:
-    """How the source ran ROSA: its ``--singular-values``, ``--resample-every`` and ``--rewarmup-steps``."""
+    """How the source ran ROSA: its ``--singular-values``, ``--resample-every``, ``--rewarmup-steps`` and
+    ``--selection``."""
     return glue_table.settings_of(source, ROSA_VARIANT)
 
 
 def variant_note(report: dict[str, Any]) -> list[str]:
     """A sentence on the source's ROSA ablation, if it ran one, and on LoRA and full taken from ``--baseline``."""
     default = glue_table.settings_of({}, ROSA_VARIANT)
-    ran = report.get("rosa_variant", default)  # checks from before the key checked the default ROSA
+    ran = {**default, **report.get("rosa_variant", {})}  # older checks lack the later keys: they ran the defaults
     variant = {"budget": report["source"]["budget"], **ran}
     notes = []
     if ran != default:  # an ablation
+        selection = variant["rosa_selection"]
         notes.append(f"**ROSA ablation** (as the source ran it): singular values `{variant['rosa_singular_values']}`, "
-                     f"resampling {glue_table.resample_phrase(variant)}, {glue_table.rewarmup_phrase(variant)}.")
+                     + (f"selection `{selection}`, " if selection != "random" else "")
+                     + f"resampling {glue_table.resample_phrase(variant)}, {glue_table.rewarmup_phrase(variant)}.")
     if report.get("baseline_dir"):
         notes.append(lent_note(report))
     return ["", " ".join(notes)] if notes else []

@@ -260,7 +260,7 @@ def test_report_only_with_seeds_reports_the_first_seeds_of_another_report(tmp_pa
 
 def fake_training(bench, monkeypatch, crash_after: list) -> list[tuple]:
     """Replace the model and data with stand-ins: a run's score is a known function of its method, LR, seed,
-    singular-value placement, resample interval and re-warmup; the run after ``crash_after[0]`` finished ones
+    singular-value placement, resample interval, re-warmup and selection; the run after ``crash_after[0]`` finished ones
     raises ``KeyboardInterrupt``. Returns the list that collects each finished run's (method, lr, seed)."""
     monkeypatch.setattr(bench.glue, "load_tokenizer", lambda model: None)
     monkeypatch.setattr(bench.glue, "load_data", lambda settings, tokenizer: type("Data", (), {"sizes": {}})())
@@ -275,6 +275,7 @@ def fake_training(bench, monkeypatch, crash_after: list) -> list[tuple]:
         score += 0.1 * (method == "rosa" and settings.singular_values == "down")
         score -= 0.01 * (method == "rosa" and settings.resample_every is not None)
         score -= 0.02 * (method == "rosa" and settings.rewarmup_steps == 0)
+        score += 0.03 * (method == "rosa" and settings.selection == "top")
         return bench.glue.MethodRun({"final_score": score, "lr": lr, "wall_seconds": 1.0, "steps": 6,
                                      "step_seconds_median": 0.1, "trainable_params": 1}, None)
 
@@ -438,6 +439,31 @@ def test_a_resample_ablation_trains_rosa_alone_and_says_how_it_resampled(
     with pytest.raises(SystemExit, match=message):
         bench.main([*(arg if arg != value else refused for arg in argv)])
     assert trained == []
+
+
+def test_a_selection_ablation_trains_rosa_alone_with_that_selection_and_says_so(tmp_path, monkeypatch):
+    bench = load_benchmark("glue_table")
+    trained = fake_reported_training(bench, monkeypatch)
+    base = bench.main(["--tiny", "--tasks", "rte", "--seeds", "2", "--out", str(tmp_path / "base")])
+    trained.clear()
+    argv = ["--tiny", "--tasks", "rte", "--seeds", "2", "--selection", "top",
+            "--baseline", str(tmp_path / "base"), "--out", str(tmp_path / "top")]
+    ablation = bench.main(argv)
+    assert {method for method, _, _ in trained} == {"rosa"}
+    assert (ablation["rosa_selection"], base["rosa_selection"]) == ("top", "random")
+    assert ablation["paired"]["rosa_minus_baseline_rosa"]["RTE"]["mean"] == pytest.approx(3.0)
+    assert ("**ROSA ablation**: `RosaConfig.selection = 'top'`, the top 8 singular vectors of each layer train"
+            in (tmp_path / "top" / "glue.md").read_text())
+    assert "ROSA ablation" not in (tmp_path / "base" / "glue.md").read_text()
+
+    trained.clear()
+    with pytest.raises(SystemExit, match="--resume: .* was run with .*'rosa_selection': 'top'"):
+        bench.main([*(a if a != "top" else "bottom" for a in argv), "--resume"])
+    with pytest.raises(SystemExit):  # argparse: not a selection
+        bench.main([*(a if a != "top" else "largest" for a in argv)])
+    assert trained == []
+    assert bench.task_settings("RTE", bench.BUDGETS["tiny"], bench.parse_args(argv), 3).selection == "top"
+    assert bench.task_settings("RTE", bench.BUDGETS["tiny"], bench.parse_args(["--tiny"]), 3).selection == "random"
 
 
 def test_the_resample_note_says_never_only_when_the_interval_outlasts_the_runs():

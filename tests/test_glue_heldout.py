@@ -24,15 +24,16 @@ def test_source_scores_hold_the_grid_on_the_first_seed_and_the_chosen_lr_on_ever
 
 
 @pytest.mark.parametrize("variant, expected", [
-    ({}, ("split", None, 1)),  # a source from before the variant keys: the defaults and the budget's re-warmup
-    ({"rosa_singular_values": "down", "rosa_resample_every": 7, "rosa_rewarmup_steps": 0}, ("down", 7, 0)),
+    ({}, ("split", None, 1, "random")),  # a source from before the variant keys: the defaults, the budget's re-warmup
+    ({"rosa_singular_values": "down", "rosa_resample_every": 7, "rosa_rewarmup_steps": 0, "rosa_selection": "top"},
+     ("down", 7, 0, "top")),
 ])
 def test_runs_repeat_the_sources_rosa_variant(variant, expected, tmp_path):
     heldout, bench = load_benchmark("glue_heldout"), load_benchmark("glue_table")
     args = heldout.parse_args(["--source", str(tmp_path), "--out", str(tmp_path / "out")])
     source = {"model": "minilm", "rank": 8, **variant}
     settings = bench.task_settings("RTE", bench.BUDGETS["tiny"], heldout.run_arguments(args, source), seed=4)
-    assert (settings.singular_values, settings.resample_every, settings.rewarmup_steps) == expected
+    assert (settings.singular_values, settings.resample_every, settings.rewarmup_steps, settings.selection) == expected
     assert (settings.model, settings.rank, settings.seed) == ("minilm", 8, 4)
 
 
@@ -312,3 +313,15 @@ def test_every_committed_check_renders_again_to_its_committed_markdown(name, tmp
     report = json.loads((committed / "heldout.json").read_text())  # the oldest predate rosa_variant and grid
     assert heldout.write_report(report, tmp_path) == (committed / "heldout.md").read_text()
     assert json.loads((tmp_path / "heldout.json").read_text()) == json.loads((committed / "heldout.json").read_text())
+
+
+def test_the_variant_note_names_a_non_default_selection_and_reads_older_checks_as_defaults():
+    heldout = load_benchmark("glue_heldout")
+    budget = {"rewarmup_steps": 20}
+    older = {"source": {"budget": budget}, "rosa_variant": {"rosa_singular_values": "split",
+                                                           "rosa_resample_every": None, "rosa_rewarmup_steps": None}}
+    assert heldout.variant_note(older) == []  # a check from before rosa_selection ran the default ROSA
+    top = {**older, "rosa_variant": {**older["rosa_variant"], "rosa_selection": "top"}}
+    assert heldout.variant_note(top)[1] == (
+        "**ROSA ablation** (as the source ran it): singular values `split`, selection `top`, resampling once per "
+        "epoch, with a 20-step LR re-warmup after each resample.")
