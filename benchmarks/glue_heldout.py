@@ -36,7 +36,9 @@ over the widened grid; all of ``PREVIOUS``'s runs are reused. The committed
 
 with its protocol fixed and committed with this option before it ran: one widening, of the nine ends
 chosen in ``glue-heldout`` (ROSA on CoLA, RTE, STS-B; LoRA on CoLA, RTE; full fine-tuning on all four
-tasks), each added LR trained on seeds 0 to 2, reported whatever it shows.
+tasks), each added LR trained on seeds 0 to 2, reported whatever it shows. ``--widen`` goes with ``--baseline``
+(below) when the widened check was run with that same ``--baseline``: only the methods chosen here are widened
+and trained; the lent ones stay as the ``--baseline`` check has them.
 
 ``--baseline PREVIOUS`` checks a ROSA ablation (a ``glue_table.py --baseline`` report, which reused LoRA's and
 full fine-tuning's runs from another table): ``PREVIOUS`` is the finished check of that other table, with the
@@ -105,6 +107,23 @@ seed-0 choice) when both ROSAs' LRs are chosen on seeds 0 to 2? Read from the pa
 average on seeds 3 to 6: above 0, resampling costs at rank 1; below 0, it pays; an interval containing 0, four
 seeds cannot tell. "rosa - lora" is read too. Known before it ran: both ROSAs choose over the unwidened grid,
 whose top end the per-epoch one chose on every task there.
+
+Fixed and committed with ``--widen`` beside ``--baseline`` (session 15), before it ran, reported whatever it
+shows: the rank-1 check widened once. In ``glue-heldout-rank1`` ROSA chose the top of the adapter grid (2e-3) on
+all four tasks and LoRA on CoLA, MRPC and STS-B; 4e-3 is added for those seven, trained on seeds 0 to 2, each
+choice made again, seeds 3 to 6 trained where it moved; full fine-tuning stays lent by ``glue-heldout``
+(about 40 to 70 min) ::
+
+    OMP_NUM_THREADS=1 python benchmarks/glue_heldout.py --workers 2 --select-seeds 3 \
+        --source benchmarks/results/glue-rank1 --baseline benchmarks/results/glue-heldout \
+        --widen benchmarks/results/glue-heldout-rank1 --out benchmarks/results/glue-heldout-rank1-wide
+
+Question: does the rank-1 held-out reading change once the adapters' grids reach 4e-3 (where the seed-0
+choice moved ROSA on CoLA and STS-B, ``glue-rank1-wide``)? Read from the paired "(rosa - lora) - baseline
+(rosa - lora)" average on seeds 3 to 6 (+0.9 [-1.3, +3.0] before widening; the rank-8 side is ``glue-heldout``,
+whose own widening, ``glue-heldout-wide``, chose no added LR, so its held-out scores stand) and "rosa - lora"
+at rank 1 (-0.2 [-2.2, +1.9]); also how many choices moved. One widening: a choice at the new end is reported,
+not widened again.
 """
 
 from __future__ import annotations
@@ -183,7 +202,7 @@ def run_task(task: str, source: dict[str, Any], select: list[int], held_out: lis
     other methods are chosen."""
     reproduced = glue_table.check_reproduction(task, source, select[0], budget, args)
     scores = source_scores(source, select[0])
-    grid = grid_keys(budget.lr_grid)
+    grid = source_grid = grid_keys(budget.lr_grid)
     if previous is not None:
         scores = merged(scores, previous["scores"])
         grid = {m: widened(previous.get("grid", grid)[m], previous["chosen_lr"][m]) for m in METHODS}
@@ -201,7 +220,7 @@ def run_task(task: str, source: dict[str, Any], select: list[int], held_out: lis
         "scores": scores, "trained_runs": trained, "reproduced": reproduced,
     }
     if reused is not None:
-        taken = {"grid": reused.get("grid", grid),  # checks before --widen kept no grid
+        taken = {"grid": reused.get("grid", source_grid),  # checks before --widen kept no grid
                  **{k: reused[k] for k in LENT_KEYS}}
         result |= {k: {m: (taken[k] if m in lent else result[k])[m] for m in METHODS} for k in taken}
     return result
@@ -247,7 +266,7 @@ def load_check(directory: Path, report: dict[str, Any], option: str) -> dict[str
 
 def load_widened(directory: Path, report: dict[str, Any], out: Path) -> dict[str, Any]:
     """The tasks of the finished check in ``directory`` that ``--widen`` widens; ``ValueError`` unless it
-    is a finished check of the same source and seeds, kept apart from ``out``."""
+    is a finished check of the same source and seeds, with the same ``--baseline``, kept apart from ``out``."""
     if directory.resolve() == out.resolve():
         raise ValueError(f"--widen: {directory} is also --out; write the widened check to another folder")
     previous = load_check(directory, report, "--widen")
@@ -255,6 +274,10 @@ def load_widened(directory: Path, report: dict[str, Any], out: Path) -> dict[str
     if differ:
         raise ValueError(f"--widen: {directory / 'heldout.json'} checked another source table or seeds "
                          f"({', '.join(differ)} differ); pass the --source and --select-seeds it was run with")
+    theirs, mine = (d and Path(d).resolve() for d in (previous.get("baseline_dir"), report["baseline_dir"]))
+    if theirs != mine:
+        raise ValueError(f"--widen: {directory / 'heldout.json'} was run with --baseline {previous.get('baseline_dir')}, "
+                         f"this run with --baseline {report['baseline_dir']}; pass the --baseline it was run with")
     return previous["tasks"]
 
 
@@ -410,10 +433,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def reused_from(report: dict[str, Any]) -> str:
-    """Where else the check's untrained runs came from: the widened check or the ``--baseline`` one."""
-    if report.get("widen_dir"):
-        return " and that check"
-    return " and the `--baseline` check" if report.get("baseline_dir") else ""
+    """Where else the check's untrained runs came from: the widened check, the ``--baseline`` one, or both."""
+    others = [name for key, name in (("widen_dir", "that check"), ("baseline_dir", "the `--baseline` check"))
+              if report.get(key)]
+    return "".join(f" and {name}" for name in others)
 
 
 def bold_if(condition: bool, text: str) -> str:
@@ -438,8 +461,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="glue_data/ folder the source was run on (default: ../shared/data/glue next to the repo)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "glue-heldout")
     parser.add_argument("--widen", type=Path, default=None,
-                        help="folder of a finished glue_heldout.py run of the same source and seeds: add one LR "
-                             "past each end of the grid it chose, train it and choose again")
+                        help="folder of a finished glue_heldout.py run of the same source, seeds and --baseline: "
+                             "add one LR past each end of the grid it chose, train it and choose again")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="for a --source made with glue_table.py --baseline: folder of the finished check of the "
                              "table it reused runs from; only ROSA (LoRA too at another --rank) is chosen and trained")
@@ -469,8 +492,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "widen_dir": args.widen and str(args.widen), "baseline_dir": args.baseline and str(args.baseline),
         "rosa_variant": rosa_variant(source), "tasks": {}, "complete": False, "total_seconds": 0.0,
     }
-    if args.widen and args.baseline:
-        raise SystemExit("glue_heldout: --widen and --baseline cannot be combined; run the check first, then widen it")
     try:
         previous = load_widened(args.widen, report, args.out) if args.widen else {}
         check = load_baseline(args.baseline, report, source) if args.baseline else {}

@@ -7,6 +7,7 @@ os.environ["ROSA_NO_PROGRESS"] = "1"
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -245,13 +246,18 @@ def test_baseline_chooses_only_rosa_and_takes_lora_and_full_from_the_check_of_th
     assert f"are those of the check in `{checked_dir}`" in md and "| rosa - baseline rosa |" in md
 
 
+def rank1_source(source_dir: Path, out: Path) -> dict:
+    """A tiny ``glue_table.py --rank 1`` run (full fine-tuning reused from ``source_dir``) in ``out``; its report."""
+    return load_benchmark("glue_table").main(["--tiny", "--tasks", "rte", "--seeds", "3", "--rank", "1", "--baseline",
+                                              str(source_dir), "--data-dir", str(GLUE_DIR), "--out", str(out)])
+
+
 @pytest.mark.real_model
 @needs_glue
 def test_a_baseline_check_of_another_rank_lends_only_full_and_pairs_both_adapters_with_its_own(
         source, checked, tmp_path, monkeypatch):
-    (checked_dir, before), bench = checked, load_benchmark("glue_table")
-    rank1 = bench.main(["--tiny", "--tasks", "rte", "--seeds", "3", "--rank", "1", "--baseline", str(source[0]),
-                        "--data-dir", str(GLUE_DIR), "--out", str(tmp_path / "rank1")])
+    checked_dir, before = checked
+    rank1 = rank1_source(source[0], tmp_path / "rank1")
     heldout = load_benchmark("glue_heldout")
     trained, train = [], heldout.glue_table.train
     monkeypatch.setattr(heldout.glue_table, "train", lambda method, *a: trained.append(method) or train(method, *a))
@@ -277,7 +283,6 @@ def test_a_baseline_check_of_another_rank_lends_only_full_and_pairs_both_adapter
 @needs_glue
 @pytest.mark.parametrize("change, message", [
     ("not an ablation", "--source trained its own LoRA and full runs"),
-    ("with widen", "--widen and --baseline cannot be combined"),
     ("missing", "does not exist"),
     ("seeds", r"checked another budget, rank or seeds \(select_seeds, held_out_seeds differ\)"),
     ("rank", r"checked another budget, rank or seeds \(rank differ\)"),  # e.g. a glue_table --rank 1 source
@@ -300,10 +305,40 @@ def test_a_baseline_check_that_does_not_fit_is_refused_before_anything_is_writte
         previous.mkdir()
         (previous / "heldout.json").write_text(json.dumps(report))
     args = heldout_args(source[0] if change == "not an ablation" else ablation[0], tmp_path / "out")
-    args += ["--baseline", str(previous)] + (["--widen", str(checked[0])] if change == "with widen" else [])
+    args += ["--baseline", str(previous)]
     with pytest.raises(SystemExit, match=message):
         heldout.main(args)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.real_model
+@needs_glue
+def test_widen_with_baseline_widens_the_chosen_adapters_and_still_takes_full_from_the_baseline_check(
+        source, checked, tmp_path, monkeypatch):
+    (checked_dir, before), heldout = checked, load_benchmark("glue_heldout")
+    rank1_source(source[0], tmp_path / "rank1")
+    lend = ["--baseline", str(checked_dir)]
+    first = heldout.main(heldout_args(tmp_path / "rank1", tmp_path / "first") + lend)
+    trained, train = [], heldout.glue_table.train
+    monkeypatch.setattr(heldout.glue_table, "train", lambda method, *a: trained.append(method) or train(method, *a))
+    report = heldout.main(heldout_args(tmp_path / "rank1", tmp_path / "wide") + lend + ["--widen", str(tmp_path / "first")])
+    assert report["complete"] and set(trained) == {"rosa", "lora"}
+    task, previous, lent = report["tasks"]["RTE"], first["tasks"]["RTE"], before["tasks"]["RTE"]
+    grid = [f"{lr:g}" for lr in heldout.BUDGETS["tiny"].lr_grid["full"]]
+    assert task["grid"]["full"] == grid and all(task[k]["full"] == lent[k]["full"] for k in heldout.LENT_KEYS)
+    for method in ("rosa", "lora"):
+        added = TINY_ADDED[method][previous["chosen_lr"][method]]
+        assert added in task["grid"][method] and set(task["scores"][method][added]) >= {"0", "1"}
+        means = {lr: statistics.fmean([task["scores"][method][lr][s] for s in ("0", "1")]) for lr in task["grid"][method]}
+        assert task["chosen_lr"][method] == max(task["grid"][method], key=means.__getitem__)
+    assert report["baseline_rosa_seeds"] == first["baseline_rosa_seeds"] and "gap_change" in report["paired"]
+    md = (tmp_path / "wide" / "heldout.md").read_text()
+    assert "reused from the source and that check and the `--baseline` check after" in md
+    assert f"the grids widened from the check in `{tmp_path / 'first'}`" in md and "had rank 8)" in md
+
+    with pytest.raises(SystemExit, match="--widen: .* was run with --baseline .*, this run with --baseline None"):
+        heldout.main(heldout_args(tmp_path / "rank1", tmp_path / "other") + ["--widen", str(tmp_path / "first")])
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("name", sorted(p.parent.name for p in (REPO / "benchmarks" / "results").glob("*/heldout.json")))
