@@ -124,6 +124,20 @@ choice moved ROSA on CoLA and STS-B, ``glue-rank1-wide``)? Read from the paired 
 whose own widening, ``glue-heldout-wide``, chose no added LR, so its held-out scores stand) and "rosa - lora"
 at rank 1 (-0.2 [-2.2, +1.9]); also how many choices moved. One widening: a choice at the new end is reported,
 not widened again.
+
+Fixed and committed after the rank-8 top-selection ablation had run (``glue-ablation-top``: top minus random
+selection +1.1 [+0.3, +1.9] with the seed-0 choice), while the check above ran and before this one ran, reported
+whatever it shows: that ablation checked the same way, LoRA and full taken from ``glue-heldout`` (about 35 min) ::
+
+    OMP_NUM_THREADS=1 python benchmarks/glue_heldout.py --workers 2 --select-seeds 3 \
+        --source benchmarks/results/glue-ablation-top --baseline benchmarks/results/glue-heldout \
+        --out benchmarks/results/glue-heldout-top
+
+Question: does training each layer's top 8 singular directions still beat the paper's random 8 when each ROSA's
+LR is chosen on seeds 0 to 2 and scored on seeds 3 to 6 (every earlier rank-8 ablation's seed-0 effect shrank
+under this choice)? Read from the paired "rosa - baseline rosa" average on seeds 3 to 6: above 0, it survives;
+below 0, random selection is better; an interval containing 0, four seeds cannot tell. "rosa - lora" (the first
+target's comparison) is read too.
 """
 
 from __future__ import annotations
