@@ -698,9 +698,8 @@ def rewarmup_phrase(report: dict[str, Any]) -> str:
 
 def run_variant_notes(report: dict[str, Any]) -> list[str]:
     """Sentences for a ROSA ablation (``--singular-values``, ``--selection``, ``--resample-every``,
-    ``--rewarmup-steps``), for
-    runs reused from ``--baseline`` (LoRA and full, or full alone at another rank) and for a report cut to its
-    first seeds."""
+    ``--rewarmup-steps``), for runs reused from ``--baseline`` (LoRA and full, or full alone at another rank)
+    and for a report cut to its first seeds."""
     notes = []
     placement = report.get("rosa_singular_values", "split")
     if placement != "split":
