@@ -216,12 +216,12 @@ def run_task(task: str, source: dict[str, Any], select: list[int], held_out: lis
     other methods are chosen."""
     reproduced = glue_table.check_reproduction(task, source, select[0], budget, args)
     scores = source_scores(source, select[0])
-    grid = source_grid = grid_keys(budget.lr_grid)
-    if previous is not None:
-        scores = merged(scores, previous["scores"])
-        grid = {m: widened(previous.get("grid", grid)[m], previous["chosen_lr"][m]) for m in METHODS}
     lent = reused["seeds"] if reused is not None else {}
     methods = [m for m in METHODS if m not in lent]
+    grid = grid_keys(budget.lr_grid)
+    if previous is not None:  # only the methods chosen here are widened; the lent ones stay as lent
+        scores = merged(scores, previous["scores"])
+        grid |= {m: widened(previous.get("grid", grid)[m], previous["chosen_lr"][m]) for m in methods}
     trained = train_missing(task, [(m, lr, s) for s in select for m in methods for lr in grid[m]], scores, budget, args)
     selection_means = {m: {lr: statistics.fmean(scores[m][lr][str(s)] for s in select) for lr in grid[m]}
                        for m in methods}
@@ -234,7 +234,7 @@ def run_task(task: str, source: dict[str, Any], select: list[int], held_out: lis
         "scores": scores, "trained_runs": trained, "reproduced": reproduced,
     }
     if reused is not None:
-        taken = {"grid": reused.get("grid", source_grid),  # checks before --widen kept no grid
+        taken = {"grid": reused.get("grid", grid),  # checks before --widen kept no grid
                  **{k: reused[k] for k in LENT_KEYS}}
         result |= {k: {m: (taken[k] if m in lent else result[k])[m] for m in METHODS} for k in taken}
     return result
@@ -365,7 +365,7 @@ def variant_note(report: dict[str, Any]) -> list[str]:
     if ran != default:  # an ablation
         selection = variant["rosa_selection"]
         notes.append(f"**ROSA ablation** (as the source ran it): singular values `{variant['rosa_singular_values']}`, "
-                     + (f"selection `{selection}`, " if selection != "random" else "")
+                     + (f"selection `{selection}`, " if selection != default["rosa_selection"] else "")
                      + f"resampling {glue_table.resample_phrase(variant)}, {glue_table.rewarmup_phrase(variant)}.")
     if report.get("baseline_dir"):
         notes.append(lent_note(report))

@@ -701,12 +701,11 @@ def run_variant_notes(report: dict[str, Any]) -> list[str]:
     ``--rewarmup-steps``), for runs reused from ``--baseline`` (LoRA and full, or full alone at another rank)
     and for a report cut to its first seeds."""
     notes = []
-    placement = report.get("rosa_singular_values", "split")
-    if placement != "split":
+    placement, selection = (report.get(k, VARIANT_DEFAULTS[k]) for k in ("rosa_singular_values", "rosa_selection"))
+    if placement != VARIANT_DEFAULTS["rosa_singular_values"]:
         notes.append(f"**ROSA ablation**: `RosaConfig.singular_values = '{placement}'`, all of the chosen singular "
                      f"values on the `{placement}` factor (the library's default, `split`, puts sqrt(s) on each).")
-    selection = report.get("rosa_selection", "random")
-    if selection != "random":
+    if selection != VARIANT_DEFAULTS["rosa_selection"]:
         notes.append(f"**ROSA ablation**: `RosaConfig.selection = '{selection}'`, the {selection} {report['rank']} "
                      "singular vectors of each layer train, at the start and after every resample (the paper's "
                      "`random` draws them uniformly).")

@@ -260,8 +260,8 @@ def test_report_only_with_seeds_reports_the_first_seeds_of_another_report(tmp_pa
 
 def fake_training(bench, monkeypatch, crash_after: list) -> list[tuple]:
     """Replace the model and data with stand-ins: a run's score is a known function of its method, LR, seed,
-    singular-value placement, resample interval, re-warmup and selection; the run after ``crash_after[0]`` finished ones
-    raises ``KeyboardInterrupt``. Returns the list that collects each finished run's (method, lr, seed)."""
+    singular-value placement, resample interval, re-warmup and selection; the run after ``crash_after[0]``
+    finished ones raises ``KeyboardInterrupt``. Returns the list that collects each finished run's (method, lr, seed)."""
     monkeypatch.setattr(bench.glue, "load_tokenizer", lambda model: None)
     monkeypatch.setattr(bench.glue, "load_data", lambda settings, tokenizer: type("Data", (), {"sizes": {}})())
     monkeypatch.setattr(bench, "step_time_ab", lambda *a: {})
