@@ -161,6 +161,21 @@ targets stay judged on ROSA as the paper defines it (``random``), and the librar
 
     OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 7 --selection top \
         --baseline benchmarks/results --out benchmarks/results/glue-ablation-top   # ~45 min
+
+Fixed and committed before it ran (session 16), reported whatever it shows: the same top-selection ablation
+at ``--budget long`` (10 epochs, 2-point grid, seed-0 choice), seeds 0-3 (four, to fit one session), LoRA and
+full fine-tuning reused from ``glue-long``. At 3 epochs top selection was +1.1 [+0.3, +1.9] over random with
+the seed-0 choice and +0.8 [-1.8, +3.3] held out; at 10 epochs random ROSA has ten subspaces per layer to
+spread its update over, where top selection keeps redrawing the largest directions of a slowly moving
+weight, so the paper's any-rank argument favours random there. Read from the paired "rosa - baseline rosa"
+average (top minus random, both at 10 epochs): above 0, top selection still trains better at the long
+budget; below 0, the random subspaces' spread pays off; an interval containing 0, four seeds cannot tell.
+Also read "rosa - lora" and "rosa - full" (the targets' comparisons) with top selection on these seeds,
+beside random ROSA's on the same seeds (``--report-only --from benchmarks/results/glue-long --seeds 4``).
+The library default stays ``random`` whatever this shows.
+
+    OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 4 --budget long --selection top \
+        --baseline benchmarks/results/glue-long --out benchmarks/results/glue-ablation-top-long  # ~1.5 h
 """
 
 from __future__ import annotations
