@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -248,11 +248,13 @@ def evaluate(model: nn.Module, loader, spec: TaskSpec) -> dict[str, float]:
 
 def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokenizer,
                  save_dir: Optional[Path] = None, checkpoints: Optional[Path] = None,
-                 resume: bool = False) -> MethodRun:
+                 resume: bool = False, observe: Optional[Callable[[nn.Module, int], None]] = None) -> MethodRun:
     """Train one method on ``data``; dev metrics after every epoch; returns the result and merged model.
 
     With ``checkpoints``, a checkpoint is written there after every epoch; with ``resume`` too, an
-    existing one is loaded and only the epochs it lacks are trained.
+    existing one is loaded and only the epochs it lacks are trained. ``observe(model, epoch)`` sees the
+    model being trained before the first epoch (0) and after each epoch trained here (after ROSA's
+    resample at its end, if any).
     """
     spec = data.spec
     torch.manual_seed(s.seed)  # same head init, LoRA init, dropout and data order for every method
@@ -273,6 +275,8 @@ def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokeni
     state = TrainState()
     if resume and checkpoints is not None and is_checkpoint(checkpoints):
         state = load_training(checkpoints, settings, generator, model, optimizer, scheduler, schedule)
+    if observe is not None and not state.epochs:
+        observe(model, 0)
     for epoch in range(len(state.epochs) + 1, s.epochs + 1):
         start = time.perf_counter()
         model.train()
@@ -289,6 +293,8 @@ def train_method(method: str, lr: float, s: GlueSettings, data: GlueData, tokeni
         state.wall_seconds += time.perf_counter() - start
         if checkpoints is not None:
             save_training(checkpoints, settings, state, generator, model, optimizer, scheduler, schedule)
+        if observe is not None:
+            observe(model, epoch)
 
     model = finalize_model(model, method).eval()
     if save_dir is not None:
