@@ -176,6 +176,11 @@ The library default stays ``random`` whatever this shows.
 
     OMP_NUM_THREADS=1 python benchmarks/glue_table.py --workers 2 --seeds 4 --budget long --selection top \
         --baseline benchmarks/results/glue-long --out benchmarks/results/glue-ablation-top-long  # ~1.5 h
+
+Also fixed before it ran, in the same session while seed 0's grid trained: that ablation is then taken to seeds
+0-6 whatever the four seeds show (``--resume --seeds 7``, same command otherwise; ~45 min), after
+``glue_update_geometry.py``, and read by the same rules on seven seeds; the four-seed report stays
+reproducible with ``--report-only --from benchmarks/results/glue-ablation-top-long --seeds 4``.
 """
 
 from __future__ import annotations
