@@ -155,7 +155,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # glue_table.py beside
 import glue_table  # noqa: E402
 from glue_table import BUDGETS, REPO, Budget, widened  # noqa: E402
 
-from rosa.experiments import glue  # noqa: E402
 from rosa.experiments.methods import METHODS  # noqa: E402
 from rosa.experiments.reporting import format_table, machine_info  # noqa: E402
 
@@ -197,9 +196,7 @@ def train_missing(task: str, wanted: list[tuple[str, str, int]], scores: Scores,
     returns how many were trained."""
     missing = [(m, lr, s) for m, lr, s in wanted if str(s) not in scores[m].get(lr, {})]
     for seed in sorted({s for _, _, s in missing}):
-        settings = glue_table.task_settings(task, budget, args, seed)
-        tokenizer = glue.load_tokenizer(settings.model)
-        data = glue.load_data(settings, tokenizer)
+        settings, data, tokenizer = glue_table.seed_data(task, budget, args, seed)
         for method, lr, _ in (run for run in missing if run[2] == seed):
             result = glue_table.train(method, float(lr), settings, data, tokenizer, args)
             scores[method].setdefault(lr, {})[str(seed)] = result["final_score"]
@@ -214,7 +211,7 @@ def run_task(task: str, source: dict[str, Any], select: list[int], held_out: lis
     result in an earlier check) widened past the ends it chose. ``reused`` (this task's result in the
     ``--baseline`` check, cut to the methods it lends: see :func:`lent_methods`) is taken as it is; only the
     other methods are chosen."""
-    reproduced = glue_table.check_reproduction(task, source, select[0], budget, args)
+    reproduced = glue_table.check_reproduction(source, *glue_table.seed_data(task, budget, args, select[0]), args)
     scores = source_scores(source, select[0])
     lent = reused["seeds"] if reused is not None else {}
     methods = [m for m in METHODS if m not in lent]

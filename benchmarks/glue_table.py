@@ -263,6 +263,14 @@ def task_settings(task: str, budget: Budget, args: argparse.Namespace, seed: int
     )
 
 
+def seed_data(task: str, budget: Budget, args: argparse.Namespace,
+              seed: int) -> tuple[glue.GlueSettings, glue.GlueData, Any]:
+    """The settings (:func:`task_settings`), tokenized train and dev data, and tokenizer of one task's runs on ``seed``."""
+    settings = task_settings(task, budget, args, seed)
+    tokenizer = glue.load_tokenizer(settings.model)
+    return settings, glue.load_data(settings, tokenizer), tokenizer
+
+
 def rewarmup_steps(budget_steps: int, option: Optional[int]) -> int:
     """ROSA's LR re-warmup steps after each resample: ``--rewarmup-steps`` (``option``) if given, else the budget's."""
     return budget_steps if option is None else option
@@ -331,9 +339,7 @@ def forget_runs(out: Path, task: str) -> None:
 def run_grid(task: str, budget: Budget, args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
     """Each of ``methods`` at every grid LR on one task (seed ``args.seed``); the chosen LR per method
     is the best final dev score."""
-    settings = task_settings(task, budget, args, args.seed)
-    tokenizer = glue.load_tokenizer(settings.model)
-    data = glue.load_data(settings, tokenizer)
+    settings, data, tokenizer = seed_data(task, budget, args, args.seed)
     runs = {m: {f"{lr:g}": train(m, lr, settings, data, tokenizer, args) for lr in budget.lr_grid[m]}
             for m in methods}
     chosen = {m: max(r.values(), key=lambda r: r["final_score"]) for m, r in runs.items()}
@@ -355,16 +361,14 @@ def widened(grid: list[str], chosen: str) -> list[str]:
     return [*lrs, added] if top else [added, *lrs]
 
 
-def check_reproduction(task: str, result: dict[str, Any], seed: int, budget: Budget,
+def check_reproduction(result: dict[str, Any], settings: glue.GlueSettings, data: glue.GlueData, tokenizer,
                        args: argparse.Namespace) -> dict[str, Any]:
-    """Retrain the chosen ROSA run of ``result`` (one task of an earlier report) on its first ``seed``;
-    ``RuntimeError`` unless it scores the same (within :data:`REPRODUCE_TOLERANCE`), so that the report's
-    runs can stand beside new ones."""
-    lr = result["chosen"]["rosa"]["lr"]
+    """Retrain the chosen ROSA run of ``result`` (one task of an earlier report) with the ``settings`` of its
+    first seed; ``RuntimeError`` unless it scores the same (within :data:`REPRODUCE_TOLERANCE`), so that the
+    report's runs can stand beside new ones."""
+    lr, task, seed = result["chosen"]["rosa"]["lr"], settings.task, settings.seed
     expected = result["runs"]["rosa"][f"{lr:g}"]["final_score"]
-    settings = task_settings(task, budget, args, seed)
-    tokenizer = glue.load_tokenizer(settings.model)
-    got = train("rosa", lr, settings, glue.load_data(settings, tokenizer), tokenizer, args)["final_score"]
+    got = train("rosa", lr, settings, data, tokenizer, args)["final_score"]
     if abs(got - expected) > REPRODUCE_TOLERANCE:
         raise RuntimeError(f"{task}: the earlier report's ROSA run (lr {lr:g}, seed {seed}) scored {expected}, a "
                            f"rerun here {got}; its runs cannot be reused. Run with its torch build, OMP_NUM_THREADS "
@@ -384,10 +388,8 @@ def widen_grid(task: str, previous: dict[str, Any], budget: Budget, args: argpar
     ``methods`` chose there (:func:`widened`), trained on seed ``args.seed``, and each choice made again over
     the widened grid; a method whose choice moved loses its seed repeats, to be rerun at the new LR. Every
     other run is reused once a rerun of its chosen ROSA run scores the same (:func:`check_reproduction`)."""
-    reproduced = check_reproduction(task, previous, args.seed, budget, args)
-    settings = task_settings(task, budget, args, args.seed)
-    tokenizer = glue.load_tokenizer(settings.model)
-    data = glue.load_data(settings, tokenizer)
+    settings, data, tokenizer = seed_data(task, budget, args, args.seed)
+    reproduced = check_reproduction(previous, settings, data, tokenizer, args)
     runs, chosen, seeds = dict(previous["runs"]), dict(previous["chosen"]), dict(previous["seeds"])
     added = {}
     for m in methods:
@@ -412,9 +414,7 @@ def run_seeds(task: str, result: dict[str, Any], budget: Budget, args: argparse.
     """
     scores = {m: seed_scores(result, m)[:args.seeds] for m in methods}
     for seed in range(args.seed + min(map(len, scores.values())), args.seed + args.seeds):
-        settings = task_settings(task, budget, args, seed)
-        tokenizer = glue.load_tokenizer(settings.model)
-        data = glue.load_data(settings, tokenizer)
+        settings, data, tokenizer = seed_data(task, budget, args, seed)
         for m in (m for m in methods if len(scores[m]) == seed - args.seed):
             scores[m].append(train(m, result["chosen"][m]["lr"], settings, data, tokenizer, args)["final_score"])
     return scores

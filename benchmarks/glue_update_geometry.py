@@ -78,9 +78,7 @@ def plan(task: str, reports: dict[str, dict[str, Any]], budget: Budget) -> dict[
 def measure_task(task: str, planned: dict[str, dict[str, Any]], budget: Budget,
                  args: argparse.Namespace) -> dict[str, Any]:
     """Train each planned variant on ``task`` (seed 0) and measure its update and subspaces."""
-    settings = glue_table.task_settings(task, budget, args, seed=0)
-    tokenizer = glue.load_tokenizer(settings.model)
-    data = glue.load_data(settings, tokenizer)
+    settings, data, tokenizer = glue_table.seed_data(task, budget, args, seed=0)
     pretrained = load_sequence_classifier(settings.model, data.spec.num_labels)
     targets = [name for name, _ in find_targets(pretrained, rosa.RosaConfig(rank=settings.rank))]
     before = layer_weights(pretrained, targets)
