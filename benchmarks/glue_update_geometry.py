@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from statistics import fmean as mean
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -106,10 +107,6 @@ def measure_task(task: str, planned: dict[str, dict[str, Any]], budget: Budget,
     shapes = [w.shape for w in before.values()]
     random_overlap = sum(settings.rank / n for shape in shapes for n in shape) / (2 * len(shapes))
     return {"layers": len(targets), "random_overlap": random_overlap, "variants": results}
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
