@@ -31,16 +31,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from statistics import fmean as mean
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from statistics import fmean as mean
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # glue_table.py beside this script
 
 import glue_table  # noqa: E402
-from glue_table import BUDGETS, REPO, TASKS, VARIANT_DEFAULTS, Budget, in_workers  # noqa: E402
+from glue_table import BUDGETS, REPO, REPRODUCE_TOLERANCE, TASKS, VARIANT_DEFAULTS, Budget, in_workers  # noqa: E402
 
 import rosa  # noqa: E402
 from rosa.experiments import glue  # noqa: E402
@@ -56,7 +56,6 @@ SOURCE_OPTIONS = {"random": "--from", "top": "--top-from"}  # selection -> the o
 # ROSA settings of glue_table.py that both reports must have left at their defaults (the reruns use those)
 DEFAULT_VARIANT = ("rosa_singular_values", "rosa_resample_every", "rosa_rewarmup_steps")
 ENERGY = 0.9  # of the update's squared Frobenius norm
-REPRODUCE_TOLERANCE = 1e-6
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "glue-update-geometry"
 TINY = replace(BUDGETS["tiny"], epochs=2)  # --tiny: two subspaces, so one resample is measured
 
@@ -224,8 +223,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     name = "tiny" if args.tiny else reports["random"]["budget_name"]
     budget = TINY if args.tiny else BUDGETS[name]
     model, rank = (reports["random"]["model"], reports["random"]["rank"]) if reports else ("minilm", 8)
-    run_args = argparse.Namespace(data_dir=args.data_dir, model=model, rank=rank, rewarmup_steps=None,
-                                  singular_values="split", resample_every=None, selection="random")
+    # glue_table.py's defaults for everything else: the ROSA variant both reports were checked to have
+    run_args = glue_table.parse_args(["--data-dir", str(args.data_dir), "--model", model, "--rank", str(rank)])
     tasks = [get_task_spec(t).name for t in args.tasks]
     start = time.perf_counter()
     jobs = {t: (t, plan(t, reports, budget), budget, run_args) for t in tasks}
