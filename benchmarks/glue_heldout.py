@@ -138,6 +138,18 @@ LR is chosen on seeds 0 to 2 and scored on seeds 3 to 6 (every earlier rank-8 ab
 under this choice)? Read from the paired "rosa - baseline rosa" average on seeds 3 to 6: above 0, it survives;
 below 0, random selection is better; an interval containing 0, four seeds cannot tell. "rosa - lora" (the first
 target's comparison) is read too.
+
+Fixed and committed before the rank-8 block-selection ablation (``glue_table.py --selection block``, the paper
+authors' consecutive draw) ran, reported whatever it shows: that ablation checked the same way, LoRA and full
+taken from ``glue-heldout`` (about 35 min) ::
+
+    OMP_NUM_THREADS=1 python benchmarks/glue_heldout.py --workers 2 --select-seeds 3 \
+        --source benchmarks/results/glue-ablation-block --baseline benchmarks/results/glue-heldout \
+        --out benchmarks/results/glue-heldout-block
+
+Read from the paired "rosa - baseline rosa" average on seeds 3 to 6 (block minus uniform): above 0, the
+authors' draw trains better under a held-out choice; below 0, worse; an interval containing 0, four seeds
+cannot tell. "rosa - lora" and "rosa - full" are read too.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def weights(count: int, out: int, inp: int, seed: int = 0) -> list[torch.Tensor]
     return [torch.randn(out, inp, generator=g) for _ in range(count)]
 
 
-@pytest.mark.parametrize("selection", ["random", "top", "bottom"])
+@pytest.mark.parametrize("selection", ["random", "block", "top", "bottom"])
 @pytest.mark.parametrize("shape", [(12, 7), (7, 12)])
 def test_factorize_group_equals_the_per_layer_algorithm(selection, shape):
     ws = weights(5, *shape)
@@ -136,9 +136,9 @@ def test_randomized_top_triplets_error_is_bounded():
 def test_randomized_mode_uses_the_exact_svd_when_the_selection_needs_trailing_vectors():
     assert subspace.runs_randomized("randomized", "top", 8, (576, 192))
     assert not subspace.runs_randomized("randomized", "top", 40, (576, 192))  # rank too large to pay off
-    assert not any(subspace.runs_randomized("randomized", sel, 8, (576, 192)) for sel in ("random", "bottom"))
+    assert not any(subspace.runs_randomized("randomized", sel, 8, (576, 192)) for sel in ("random", "block", "bottom"))
     w = weights(1, 64, 48)[0]
-    for selection in ("bottom", "random"):  # need trailing singular vectors
+    for selection in ("bottom", "random", "block"):  # need trailing singular vectors
         approx = subspace.factorize(w, 4, selection, subspace.layer_generator(1, "w", 0), "randomized")
         exact = subspace.factorize(w, 4, selection, subspace.layer_generator(1, "w", 0), "full")
         for a, b in zip(approx, exact):

@@ -15,7 +15,7 @@ from rosa.config import matches
         ("rank", 1.5, "(0, 1]"),
         ("rank", True, "rank"),
         ("rank", "8", "rank"),
-        ("selection", "middle", "random, top, bottom"),
+        ("selection", "middle", "random, block, top, bottom"),
         ("dropout", 1.0, "[0, 1)"),
         ("dropout", -0.1, "[0, 1)"),
         ("seed", -1, "seed"),

@@ -42,7 +42,7 @@ def conv_setups(draw):
     return conv, rank, x
 
 
-@given(setup=conv_setups(), selection=st.sampled_from(["random", "top", "bottom"]), seed=st.integers(0, 3))
+@given(setup=conv_setups(), selection=st.sampled_from(["random", "block", "top", "bottom"]), seed=st.integers(0, 3))
 def test_conv_wrap_resample_merge_preserve_function(setup, selection, seed):
     conv, rank, x = setup
     expected = conv(x).detach()
@@ -61,7 +61,7 @@ def test_conv_wrap_resample_merge_preserve_function(setup, selection, seed):
 @given(
     num=st.integers(1, 30),
     dim=st.integers(1, 12),
-    selection=st.sampled_from(["random", "top", "bottom"]),
+    selection=st.sampled_from(["random", "block", "top", "bottom"]),
     data=st.data(),
 )
 def test_embedding_wrap_resample_merge_preserve_function_and_padding_row(num, dim, selection, data):

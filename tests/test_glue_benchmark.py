@@ -466,6 +466,14 @@ def test_a_selection_ablation_trains_rosa_alone_with_that_selection_and_says_so(
     assert bench.task_settings("RTE", bench.BUDGETS["tiny"], bench.parse_args(["--tiny"]), 3).selection == "random"
 
 
+def test_the_block_selection_note_says_consecutive_vectors_from_a_random_start():
+    bench = load_benchmark("glue_table")
+    [note] = bench.run_variant_notes({"rank": 8, "rosa_selection": "block", "tasks": {}})
+    assert note.startswith("**ROSA ablation**: `RosaConfig.selection = 'block'`, 8 consecutive singular vectors of "
+                           "each layer, from a uniformly drawn start, train (as the paper authors' reference code")
+    assert bench.run_variant_notes({"rank": 8, "rosa_selection": "random", "tasks": {}}) == []
+
+
 def test_the_resample_note_says_never_only_when_the_interval_outlasts_the_runs():
     bench = load_benchmark("glue_table")
     report = {"rosa_resample_every": 6, "tasks": {"RTE": {"chosen": {"rosa": {"steps": 6}}}}}

@@ -26,7 +26,7 @@ def make_base(kind: str, inp: int, out: int, bias: bool, seed: int = 0) -> nn.Mo
     inp=st.integers(1, 40),
     out=st.integers(1, 40),
     bias=st.booleans(),
-    selection=st.sampled_from(["random", "top", "bottom"]),
+    selection=st.sampled_from(["random", "block", "top", "bottom"]),
     singular_values=st.sampled_from(["split", "down", "up"]),
     data=st.data(),
 )

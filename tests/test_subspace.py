@@ -1,4 +1,4 @@
-import math
+import itertools
 import subprocess
 import sys
 
@@ -13,7 +13,7 @@ from rosa import subspace
 
 @given(
     out=st.integers(1, 24), inp=st.integers(1, 24), data=st.data(),
-    selection=st.sampled_from(["random", "top", "bottom"]),
+    selection=st.sampled_from(["random", "block", "top", "bottom"]),
     singular_values=st.sampled_from(subspace.SINGULAR_VALUE_PLACEMENTS),
 )
 def test_factorize_reconstructs_weight(out, inp, data, selection, singular_values):
@@ -73,18 +73,21 @@ def test_select_rejects_bad_rank_and_strategy():
         subspace.select_indices(4, 2, "middle", g)
 
 
-def test_random_selection_is_uniform_over_subsets():
-    """Chi-square test: all C(6, 2) = 15 subsets drawn equally often over many (name, count) keys."""
+@pytest.mark.parametrize("selection, cells", [
+    ("random", [tuple(c) for c in itertools.combinations(range(6), 2)]),  # all C(6, 2) = 15 subsets
+    ("block", [(start, start + 1) for start in range(5)]),  # the 5 runs of 2 consecutive indices
+])
+def test_random_selections_are_uniform_over_their_index_sets(selection, cells):
+    """Chi-square test: each allowed index set drawn equally often over many (name, count) keys."""
     n, k, draws = 6, 2, 6000
     counts: dict[tuple, int] = {}
     for i in range(draws):
-        idx = subspace.select_indices(n, k, "random", subspace.layer_generator(7, f"layer{i % 50}", i // 50))
+        idx = subspace.select_indices(n, k, selection, subspace.layer_generator(7, f"layer{i % 50}", i // 50))
         counts[tuple(idx.tolist())] = counts.get(tuple(idx.tolist()), 0) + 1
-    cells = math.comb(n, k)
-    assert len(counts) == cells
-    expected = draws / cells
+    assert sorted(counts) == cells
+    expected = draws / len(cells)
     stat = sum((c - expected) ** 2 / expected for c in counts.values())
-    assert stat < chi2.ppf(0.999, cells - 1), (stat, counts)
+    assert stat < chi2.ppf(0.999, len(cells) - 1), (stat, counts)
 
 
 def test_selection_differs_between_resamples_and_layers_and_seeds():

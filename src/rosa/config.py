@@ -10,7 +10,7 @@ import torch
 
 from .subspace import SINGULAR_VALUE_PLACEMENTS, SVD_METHODS
 
-SELECTIONS = ("random", "top", "bottom")
+SELECTIONS = ("random", "block", "top", "bottom")
 FACTOR_DTYPES = {
     None: None,
     "float32": torch.float32,
@@ -39,7 +39,9 @@ class RosaConfig:
         matched against full names. ``None`` = the architecture preset, else every supported layer.
     exclude_modules: layers never adapted, same pattern forms as ``target_modules``.
     selection: which singular vectors become trainable: ``random`` (uniform subset, the paper's
-        method), ``top`` (largest singular values) or ``bottom`` (smallest).
+        method), ``block`` (R consecutive singular vectors from a random start, as the paper
+        authors' reference code draws its random subspaces), ``top`` (largest singular values) or
+        ``bottom`` (smallest).
     dropout: dropout probability on the adapter input, in [0, 1).
     seed: seeds every subspace draw; a layer's draw depends only on (seed, name, resample count).
     train_bias: also train the biases of adapted layers.

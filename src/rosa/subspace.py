@@ -28,17 +28,22 @@ def select_indices(num_singular: int, rank: int, selection: str, generator: torc
     """Indices ``I`` (sorted, ``[rank]``) of the singular vectors that become trainable.
 
     Singular values are assumed in descending order (as ``torch.linalg.svd`` returns them).
-    ``random`` is a uniform subset without replacement; ``top``/``bottom`` take the largest/smallest.
+    ``random`` is a uniform subset without replacement; ``block`` is ``rank`` consecutive indices
+    starting at a uniformly drawn position (each of the ``num_singular - rank + 1`` runs equally
+    likely); ``top``/``bottom`` take the largest/smallest.
     """
     if not 1 <= rank <= num_singular:
         raise ValueError(f"rank must be in [1, {num_singular}], got {rank}")
     if selection == "random":
         return torch.randperm(num_singular, generator=generator)[:rank].sort().values
+    if selection == "block":
+        start = int(torch.randint(num_singular - rank + 1, (1,), generator=generator))
+        return torch.arange(start, start + rank)
     if selection == "top":
         return torch.arange(rank)
     if selection == "bottom":
         return torch.arange(num_singular - rank, num_singular)
-    raise ValueError(f"selection must be 'random', 'top' or 'bottom', got {selection!r}")
+    raise ValueError(f"selection must be 'random', 'block', 'top' or 'bottom', got {selection!r}")
 
 
 # Randomized SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4): a Gaussian sketch OVERSAMPLING columns
