@@ -45,7 +45,9 @@ taken to 5 seeds that way one seed at a time, then to 7 with seeds 5 and 6 toget
 
 ``--baseline DIR`` trains only ROSA and takes LoRA's and full fine-tuning's runs from ``DIR/glue.json``
 (same budget, model, rank and first seed): a ROSA variant is then paired with the very runs the
-default was paired with, at a third of the cost. With another ``--rank`` than ``DIR``'s it trains ROSA and
+default was paired with, at a third of the cost. Each task first reruns the first lent method's chosen
+seed-0 run and stops unless it scores what ``DIR`` holds (:func:`check_reproduction`), so runs made with
+another torch or transformers build never pair with new ones unchecked. With another ``--rank`` than ``DIR``'s it trains ROSA and
 LoRA at that rank and takes only full fine-tuning's runs (which have no rank); the paired table then also
 has each adapter against its ``DIR`` twin and the change in ROSA minus LoRA. ``glue_heldout.py`` takes a
 finished table and chooses each LR on some seeds and scores it on the others.
@@ -377,24 +379,23 @@ def widened(grid: list[str], chosen: str) -> list[str]:
 
 
 def check_reproduction(result: dict[str, Any], settings: glue.GlueSettings, data: glue.GlueData, tokenizer,
-                       args: argparse.Namespace) -> dict[str, Any]:
-    """Retrain the chosen ROSA run of ``result`` (one task of an earlier report) with the ``settings`` of its
-    first seed; ``RuntimeError`` unless it scores the same (within :data:`REPRODUCE_TOLERANCE`), so that the
+                       args: argparse.Namespace, method: str = "rosa") -> dict[str, Any]:
+    """Retrain the chosen ``method`` run of ``result`` (one task of an earlier report) with the ``settings`` of
+    its first seed; ``RuntimeError`` unless it scores the same (within :data:`REPRODUCE_TOLERANCE`), so that the
     report's runs can stand beside new ones."""
-    lr, task, seed = result["chosen"]["rosa"]["lr"], settings.task, settings.seed
-    expected = result["runs"]["rosa"][f"{lr:g}"]["final_score"]
-    got = train("rosa", lr, settings, data, tokenizer, args)["final_score"]
+    lr, task, seed = result["chosen"][method]["lr"], settings.task, settings.seed
+    expected = result["runs"][method][f"{lr:g}"]["final_score"]
+    got = train(method, lr, settings, data, tokenizer, args)["final_score"]
     if abs(got - expected) > REPRODUCE_TOLERANCE:
-        raise RuntimeError(f"{task}: the earlier report's ROSA run (lr {lr:g}, seed {seed}) scored {expected}, a "
+        raise RuntimeError(f"{task}: the earlier report's {method} run (lr {lr:g}, seed {seed}) scored {expected}, a "
                            f"rerun here {got}; its runs cannot be reused. Run with its torch build, OMP_NUM_THREADS "
                            "and data, or run afresh.")
-    return {"method": "rosa", "lr": f"{lr:g}", "seed": seed, "source_score": expected, "rerun_score": got}
+    return {"method": method, "lr": f"{lr:g}", "seed": seed, "source_score": expected, "rerun_score": got}
 
 
-def largest_rerun_difference(tasks: dict[str, Any]) -> float:
-    """The largest score difference of the tasks' :func:`check_reproduction` reruns (0 for none)."""
-    return max((abs(r["reproduced"]["rerun_score"] - r["reproduced"]["source_score"]) for r in tasks.values()),
-               default=0.0)
+def largest_rerun_difference(tasks: dict[str, Any], key: str = "reproduced") -> float:
+    """The largest score difference of the tasks' :func:`check_reproduction` reruns stored under ``key`` (0 for none)."""
+    return max((abs(r[key]["rerun_score"] - r[key]["source_score"]) for r in tasks.values() if key in r), default=0.0)
 
 
 def widen_grid(task: str, previous: dict[str, Any], budget: Budget, args: argparse.Namespace,
@@ -441,8 +442,14 @@ def run_task(task: str, done: Optional[dict[str, Any]], budget: Budget, args: ar
     lacks. The methods in ``reused`` (method -> its runs, chosen run and seed scores, from ``--baseline``) are
     not trained."""
     methods = [m for m in METHODS if m not in reused]
+    checked = {}
+    if reused and not done:  # the lent runs must score here what they scored there before new runs pair with them
+        lender = next(iter(reused))
+        lent = {"runs": {lender: reused[lender]["runs"]}, "chosen": {lender: reused[lender]["chosen"]}}
+        checked["baseline_reproduced"] = check_reproduction(lent, *seed_data(task, budget, args, args.seed), args, lender)
     result = done or (widen_grid(task, widen, budget, args, methods) if widen else
                       run_grid(task, budget, args, methods))
+    result.update(checked)
     seeds = run_seeds(task, result, budget, args, methods)
     for m, parts in reused.items():
         result["runs"][m], result["chosen"][m], seeds[m] = parts["runs"], parts["chosen"], parts["seeds"]
@@ -777,9 +784,16 @@ def baseline_note(report: dict[str, Any]) -> str:
     baseline_rows = ("`baseline rosa` and `baseline lora` in the paired table are that report's, and `(rosa - lora) "
                      "- baseline (rosa - lora)` is how much ROSA's difference from LoRA changed with the rank."
                      if other_rank else "`baseline rosa` in the paired table is that report's ROSA.")
+    tasks = report["tasks"].values()
+    checked = ""
+    if tasks and all("baseline_reproduced" in r for r in tasks):
+        lender = next(iter(tasks))["baseline_reproduced"]
+        checked = (f" Each task first reran that report's chosen {lender['method']} run on seed {lender['seed']} here "
+                   "and got the same score (largest difference "
+                   f"{largest_rerun_difference(report['tasks'], 'baseline_reproduced'):.0g}).")
     return (f"**{reused} not trained in this run**: {their} runs, chosen learning rates and seed scores are reused "
             f"from {source}{rank}. A seed fixes every method's subsets, head init and data order, so the pairs stay "
-            f"valid; the total wall time is {own}. {baseline_rows}")
+            f"valid; the total wall time is {own}.{checked} {baseline_rows}")
 
 
 def widen_note(report: dict[str, Any]) -> str:

@@ -335,7 +335,11 @@ def test_baseline_reuses_lora_and_full_and_trains_only_rosa(tmp_path, monkeypatc
     ablation = bench.main(argv)
     rosa_grid = [("rosa", lr, 0) for lr in bench.BUDGETS["tiny"].lr_grid["rosa"]]
     rosa_seed1 = [("rosa", bench.BUDGETS["tiny"].lr_grid["rosa"][-1], 1)]
-    assert trained == 2 * [*rosa_grid, *rosa_seed1]  # two tasks, ROSA alone
+    lora_check = [("lora", bench.BUDGETS["tiny"].lr_grid["lora"][-1], 0)]  # the lent seed-0 choice, rerun first
+    assert trained == 2 * [*lora_check, *rosa_grid, *rosa_seed1]  # two tasks, ROSA alone after the check
+    for task, result in ablation["tasks"].items():
+        assert result["baseline_reproduced"] == {"method": "lora", "lr": "0.0015", "seed": 0, "rerun_score": 0.5015,
+                                                 "source_score": base["tasks"][task]["chosen"]["lora"]["final_score"]}
     for task, result in ablation["tasks"].items():
         for m in ("lora", "full"):
             assert result["runs"][m] == base["tasks"][task]["runs"][m]
@@ -350,6 +354,8 @@ def test_baseline_reuses_lora_and_full_and_trains_only_rosa(tmp_path, monkeypatc
     assert "| rosa - baseline rosa | +10.0 [+10.0, +10.0] |" in md
     assert "**ROSA ablation**: `RosaConfig.singular_values = 'down'`" in md
     assert f"reused from `{tmp_path / 'base'}` (run {base['machine']['date']})" in md
+    assert ("Each task first reran that report's chosen lora run on seed 0 here and got the same score (largest "
+            "difference 0).") in md
     assert "ROSA ablation" not in (tmp_path / "base" / "glue.md").read_text()
     assert "rosa_minus_baseline_rosa" not in base["paired"]
 
@@ -358,6 +364,22 @@ def test_baseline_reuses_lora_and_full_and_trains_only_rosa(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="--resume: .* was run with .*'rosa_singular_values': 'down'"):
         bench.main([*split, "--resume"])
     assert trained == []
+
+
+def test_a_baseline_whose_lent_run_scores_otherwise_here_is_refused_before_rosa_trains(tmp_path, monkeypatch):
+    bench = load_benchmark("glue_table")
+    trained = fake_reported_training(bench, monkeypatch)
+    bench.main(["--tiny", "--tasks", "rte", "--seeds", "2", "--out", str(tmp_path / "base")])
+    path = tmp_path / "base" / "glue.json"
+    report = json.loads(path.read_text())
+    report["tasks"]["RTE"]["runs"]["lora"]["0.0015"]["final_score"] += 1e-3  # as if made by another torch build
+    path.write_text(json.dumps(report))
+    trained.clear()
+    with pytest.raises(RuntimeError, match=r"RTE: the earlier report's lora run \(lr 0.0015, seed 0\) scored .* "
+                                           "its runs cannot be reused"):
+        bench.main(["--tiny", "--tasks", "rte", "--seeds", "2", "--selection", "block",
+                    "--baseline", str(tmp_path / "base"), "--out", str(tmp_path / "block")])
+    assert trained == [("lora", 1.5e-3, 0)]  # the check alone: no ROSA run was trained
 
 
 def test_a_baseline_of_another_rank_lends_only_full_and_pairs_both_adapters_with_its_own(tmp_path, monkeypatch):
@@ -373,7 +395,8 @@ def test_a_baseline_of_another_rank_lends_only_full_and_pairs_both_adapters_with
     argv = ["--tiny", "--tasks", "rte", "mrpc", "--seeds", "2", "--rank", "1",
             "--baseline", str(tmp_path / "base"), "--out", str(tmp_path / "rank1")]
     report = bench.main(argv)
-    assert {m for m, _, _ in trained} == {"rosa", "lora"} and len(trained) == 2 * (2 + 2 + 2)  # grids, seed 1
+    assert {m for m, _, _ in trained} == {"rosa", "lora", "full"} and len(trained) == 2 * (1 + 2 + 2 + 2)
+    assert [run for run in trained if run[0] == "full"] == 2 * [("full", 1e-4, 0)]  # the lent run's check, grids, seed 1
     assert report["rank"] == 1 and report["baseline_rank"] == 8
     for task, result in report["tasks"].items():
         theirs = base["tasks"][task]
@@ -424,7 +447,7 @@ def test_a_resample_ablation_trains_rosa_alone_and_says_how_it_resampled(
     argv = ["--tiny", "--tasks", "rte", "--seeds", "2", option, value,
             "--baseline", str(tmp_path / "base"), "--out", str(tmp_path / "ablation")]
     ablation = bench.main(argv)
-    assert {method for method, _, _ in trained} == {"rosa"}
+    assert [run for run in trained if run[0] != "rosa"] == [("lora", 1.5e-3, 0)]  # besides ROSA, the lent run's check
     assert ablation[key] == int(value) and base[key] is None
     assert ablation["paired"]["rosa_minus_baseline_rosa"]["RTE"]["mean"] == pytest.approx(effect)
     md = (tmp_path / "ablation" / "glue.md").read_text()
@@ -449,7 +472,7 @@ def test_a_selection_ablation_trains_rosa_alone_with_that_selection_and_says_so(
     argv = ["--tiny", "--tasks", "rte", "--seeds", "2", "--selection", "top",
             "--baseline", str(tmp_path / "base"), "--out", str(tmp_path / "top")]
     ablation = bench.main(argv)
-    assert {method for method, _, _ in trained} == {"rosa"}
+    assert [run for run in trained if run[0] != "rosa"] == [("lora", 1.5e-3, 0)]  # besides ROSA, the lent run's check
     assert (ablation["rosa_selection"], base["rosa_selection"]) == ("top", "random")
     assert ablation["paired"]["rosa_minus_baseline_rosa"]["RTE"]["mean"] == pytest.approx(3.0)
     assert ("**ROSA ablation**: `RosaConfig.selection = 'top'`, the top 8 singular vectors of each layer train"
@@ -561,9 +584,11 @@ def test_widen_adds_one_lr_past_each_chosen_end_and_reruns_seeds_only_where_the_
     trained.clear()
     argv = [*common, "--widen", str(tmp_path / "rank1"), "--out", str(tmp_path / "wide")]
     report = bench.main(argv)
-    # Each task: the rerun of ROSA's chosen seed-0 run, 4.5e-3 (1.5e-3 x 1.5e-3 / 5e-4) for ROSA and LoRA (full is
-    # reused from the rank-8 base, not widened), then ROSA's seeds 1 and 2 at its new choice; LoRA's did not move.
-    per_task = [("rosa", 0.0015, 0), ("rosa", 0.0045, 0), ("lora", 0.0045, 0), ("rosa", 0.0045, 1), ("rosa", 0.0045, 2)]
+    # Each task: the rerun of full's lent seed-0 run (full is reused from the rank-8 base, not widened), the rerun of
+    # ROSA's chosen seed-0 run, 4.5e-3 (1.5e-3 x 1.5e-3 / 5e-4) for ROSA and LoRA, then ROSA's seeds 1 and 2 at its
+    # new choice; LoRA's did not move.
+    per_task = [("full", 1e-4, 0), ("rosa", 0.0015, 0), ("rosa", 0.0045, 0), ("lora", 0.0045, 0), ("rosa", 0.0045, 1),
+                ("rosa", 0.0045, 2)]
     assert trained == 2 * per_task
     for task, result in report["tasks"].items():
         old = before["tasks"][task]
@@ -635,7 +660,7 @@ def test_widen_needs_a_rerun_of_the_earlier_report_to_score_what_it_holds(tmp_pa
     changed["tasks"]["RTE"]["runs"]["rosa"]["0.0015"]["final_score"] += 1e-3  # as if run with another torch build
     (tmp_path / "first" / "glue.json").write_text(json.dumps(changed))
     trained.clear()
-    with pytest.raises(RuntimeError, match=r"RTE: the earlier report's ROSA run \(lr 0.0015, seed 0\) scored .* "
+    with pytest.raises(RuntimeError, match=r"RTE: the earlier report's rosa run \(lr 0.0015, seed 0\) scored .* "
                                            "its runs cannot be reused"):
         bench.main([*wide[:-1], str(tmp_path / "wide2")])
     assert trained == [("rosa", 0.0015, 0)]  # the rerun alone: nothing was widened
