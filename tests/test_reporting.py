@@ -2,7 +2,11 @@ import json
 import os
 import stat
 
-from rosa.experiments.reporting import format_table, write_json
+import peft
+import torch
+import transformers
+
+from rosa.experiments.reporting import format_table, library_version, machine_info, write_json
 
 
 def test_write_json_is_readable_by_others_and_leaves_no_temp_file(tmp_path):
@@ -17,3 +21,10 @@ def test_write_json_is_readable_by_others_and_leaves_no_temp_file(tmp_path):
 def test_format_table():
     table = format_table([{"m": "rosa", "n": 1234, "x": 0.123456}, {"m": "lora"}], ["m", "n", "x"])
     assert table.splitlines() == ["| m | n | x |", "|---|---|---|", "| rosa | 1,234 | 0.1235 |", "| lora |  |  |"]
+
+
+def test_machine_info_records_the_library_versions_that_can_change_a_run():
+    info = machine_info()
+    assert (info["torch"], info["transformers"], info["peft"]) == (
+        torch.__version__, transformers.__version__, peft.__version__)
+    assert library_version("no-such-distribution-rosa") is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -17,8 +18,19 @@ import torch
 from tqdm.auto import tqdm
 
 
+RECORDED_LIBRARIES = ("transformers", "peft")  # besides torch, the versions that can change a run's numbers
+
+
+def library_version(name: str) -> str | None:
+    """The installed version of distribution ``name``, or ``None`` where it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def machine_info() -> dict[str, Any]:
-    """What produced a result: date, platform, CPU count, torch version, accelerator."""
+    """What produced a result: date, platform, CPU count, torch and library versions, accelerator."""
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "platform": platform.platform(),
@@ -27,6 +39,7 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
+        **{name: library_version(name) for name in RECORDED_LIBRARIES},
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
