@@ -47,9 +47,9 @@ taken to 5 seeds that way one seed at a time, then to 7 with seeds 5 and 6 toget
 (same budget, model, rank and first seed): a ROSA variant is then paired with the very runs the
 default was paired with, at a third of the cost. Each task first reruns the first lent method's chosen
 seed-0 run and stops unless it scores what ``DIR`` holds (:func:`check_reproduction`), so runs made with
-another torch or transformers build never pair with new ones unchecked. With another ``--rank`` than ``DIR``'s it trains ROSA and
-LoRA at that rank and takes only full fine-tuning's runs (which have no rank); the paired table then also
-has each adapter against its ``DIR`` twin and the change in ROSA minus LoRA. ``glue_heldout.py`` takes a
+another torch or transformers build never pair with new ones unchecked. With another ``--rank`` than
+``DIR``'s it trains ROSA and LoRA at that rank and takes only full fine-tuning's runs (which have no rank);
+the paired table then also has each adapter against its ``DIR`` twin and the change in ROSA minus LoRA. ``glue_heldout.py`` takes a
 finished table and chooses each LR on some seeds and scores it on the others.
 
 ``--widen PREVIOUS`` asks whether a grid's end held a choice back: for every trained method and task whose
