@@ -43,7 +43,8 @@ and trained; the lent ones stay as the ``--baseline`` check has them.
 ``--baseline PREVIOUS`` checks a ROSA ablation (a ``glue_table.py --baseline`` report, which reused LoRA's and
 full fine-tuning's runs from another table): ``PREVIOUS`` is the finished check of that other table, with the
 same seeds. Only ROSA is chosen and trained here; LoRA's and full fine-tuning's grids, choices and held-out
-scores are ``PREVIOUS``'s (the runs are the same runs: every score the two hold in common must agree), and
+scores are ``PREVIOUS``'s (the runs are the same runs: every score the two hold in common must agree, and each
+task first reruns the first lent method's chosen run on seed 0 and stops unless it scores the same here), and
 the paired table adds ROSA minus ``PREVIOUS``'s held-out ROSA, the ablation's effect under a held-out choice.
 A ``glue_table.py --rank`` source (which reused only full fine-tuning's runs from a table of another rank) takes
 only full fine-tuning from ``PREVIOUS``, the check of that table: ROSA and LoRA are both chosen here, and the
@@ -223,9 +224,16 @@ def run_task(task: str, source: dict[str, Any], select: list[int], held_out: lis
     result in an earlier check) widened past the ends it chose. ``reused`` (this task's result in the
     ``--baseline`` check, cut to the methods it lends: see :func:`lent_methods`) is taken as it is; only the
     other methods are chosen."""
-    reproduced = glue_table.check_reproduction(source, *glue_table.seed_data(task, budget, args, select[0]), args)
-    scores = source_scores(source, select[0])
+    first_seed = glue_table.seed_data(task, budget, args, select[0])
+    reproduced = glue_table.check_reproduction(source, *first_seed, args)
     lent = reused["seeds"] if reused is not None else {}
+    checked = {}
+    if lent:  # the lent runs must score here what they scored in the --baseline check before new runs pair with them
+        lender = next(m for m in METHODS if m in lent)
+        lr = reused["chosen_lr"][lender]
+        expected = reused["scores"][lender][lr][str(select[0])]
+        checked["baseline_reproduced"] = glue_table.check_rerun(lender, float(lr), expected, *first_seed, args)
+    scores = source_scores(source, select[0])
     methods = [m for m in METHODS if m not in lent]
     grid = grid_keys(budget.lr_grid)
     if previous is not None:  # only the methods chosen here are widened; the lent ones stay as lent
@@ -240,7 +248,7 @@ def run_task(task: str, source: dict[str, Any], select: list[int], held_out: lis
         "grid": grid, "chosen_lr": chosen,
         "source_chosen_lr": {m: f"{source['chosen'][m]['lr']:g}" for m in METHODS}, "selection_means": selection_means,
         "seeds": {m: [scores[m][chosen[m]][str(s)] for s in held_out] for m in methods},
-        "scores": scores, "trained_runs": trained, "reproduced": reproduced,
+        "scores": scores, "trained_runs": trained, "reproduced": reproduced, **checked,
     }
     if reused is not None:
         taken = {"grid": reused.get("grid", grid),  # checks before --widen kept no grid
@@ -391,7 +399,8 @@ def lent_note(report: dict[str, Any]) -> str:
             "`(rosa - lora) - baseline (rosa - lora)` is how much ROSA's difference from LoRA changed with the rank."
             if other_rank else "`baseline rosa` in the paired table is that check's held-out ROSA.")
     return (f"**{lent} not chosen or trained in this check**: {theirs} and held-out scores are those of the check in "
-            f"`{report['baseline_dir']}`, whose source's runs this source reused{rank}. {rows}")
+            f"`{report['baseline_dir']}`, whose source's runs this source reused{rank}."
+            f"{glue_table.lent_check_note(report['tasks'], 'that check')} {rows}")
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -381,16 +381,22 @@ def widened(grid: list[str], chosen: str) -> list[str]:
 def check_reproduction(result: dict[str, Any], settings: glue.GlueSettings, data: glue.GlueData, tokenizer,
                        args: argparse.Namespace, method: str = "rosa") -> dict[str, Any]:
     """Retrain the chosen ``method`` run of ``result`` (one task of an earlier report) with the ``settings`` of
-    its first seed; ``RuntimeError`` unless it scores the same (within :data:`REPRODUCE_TOLERANCE`), so that the
-    report's runs can stand beside new ones."""
-    lr, task, seed = result["chosen"][method]["lr"], settings.task, settings.seed
+    its first seed (:func:`check_rerun`)."""
+    lr = result["chosen"][method]["lr"]
     expected = result["runs"][method][f"{lr:g}"]["final_score"]
+    return check_rerun(method, lr, expected, settings, data, tokenizer, args)
+
+
+def check_rerun(method: str, lr: float, expected: float, settings: glue.GlueSettings, data: glue.GlueData,
+                tokenizer, args: argparse.Namespace) -> dict[str, Any]:
+    """Retrain one earlier run that scored ``expected``; ``RuntimeError`` unless it scores the same (within
+    :data:`REPRODUCE_TOLERANCE`), so that the earlier report's runs can stand beside new ones."""
     got = train(method, lr, settings, data, tokenizer, args)["final_score"]
     if abs(got - expected) > REPRODUCE_TOLERANCE:
-        raise RuntimeError(f"{task}: the earlier report's {method} run (lr {lr:g}, seed {seed}) scored {expected}, a "
-                           f"rerun here {got}; its runs cannot be reused. Run with its torch build, OMP_NUM_THREADS "
-                           "and data, or run afresh.")
-    return {"method": method, "lr": f"{lr:g}", "seed": seed, "source_score": expected, "rerun_score": got}
+        raise RuntimeError(f"{settings.task}: the earlier report's {method} run (lr {lr:g}, seed {settings.seed}) "
+                           f"scored {expected}, a rerun here {got}; its runs cannot be reused. Run with its torch "
+                           "build, OMP_NUM_THREADS and data, or run afresh.")
+    return {"method": method, "lr": f"{lr:g}", "seed": settings.seed, "source_score": expected, "rerun_score": got}
 
 
 def largest_rerun_difference(tasks: dict[str, Any], key: str = "reproduced") -> float:
@@ -784,16 +790,19 @@ def baseline_note(report: dict[str, Any]) -> str:
     baseline_rows = ("`baseline rosa` and `baseline lora` in the paired table are that report's, and `(rosa - lora) "
                      "- baseline (rosa - lora)` is how much ROSA's difference from LoRA changed with the rank."
                      if other_rank else "`baseline rosa` in the paired table is that report's ROSA.")
-    tasks = report["tasks"].values()
-    checked = ""
-    if tasks and all("baseline_reproduced" in r for r in tasks):
-        lender = next(iter(tasks))["baseline_reproduced"]
-        checked = (f" Each task first reran that report's chosen {lender['method']} run on seed {lender['seed']} here "
-                   "and got the same score (largest difference "
-                   f"{largest_rerun_difference(report['tasks'], 'baseline_reproduced'):.0g}).")
     return (f"**{reused} not trained in this run**: {their} runs, chosen learning rates and seed scores are reused "
             f"from {source}{rank}. A seed fixes every method's subsets, head init and data order, so the pairs stay "
-            f"valid; the total wall time is {own}.{checked} {baseline_rows}")
+            f"valid; the total wall time is {own}.{lent_check_note(report['tasks'], 'that report')} {baseline_rows}")
+
+
+def lent_check_note(tasks: dict[str, Any], lender: str) -> str:
+    """The sentence (with a leading space) saying that each task reran one of ``lender``'s runs before reusing
+    them; empty for a report made before runs were checked so."""
+    checks = [r.get("baseline_reproduced") for r in tasks.values()]
+    if not checks or None in checks:
+        return ""
+    return (f" Each task first reran {lender}'s chosen {checks[0]['method']} run on seed {checks[0]['seed']} here and "
+            f"got the same score (largest difference {largest_rerun_difference(tasks, 'baseline_reproduced'):.0g}).")
 
 
 def widen_note(report: dict[str, Any]) -> str:

@@ -227,8 +227,13 @@ def test_baseline_chooses_only_rosa_and_takes_lora_and_full_from_the_check_of_th
     trained, train = [], heldout.glue_table.train
     monkeypatch.setattr(heldout.glue_table, "train", lambda method, *a: trained.append(method) or train(method, *a))
     report = heldout.main(heldout_args(ablation_dir, tmp_path) + ["--baseline", str(checked_dir)])
-    assert report["complete"] and report["baseline_dir"] == str(checked_dir) and set(trained) == {"rosa"}
+    assert report["complete"] and report["baseline_dir"] == str(checked_dir)
+    assert trained.count("lora") == 1 and set(trained) == {"rosa", "lora"}  # besides ROSA, the lent run's check
     task, previous, given = report["tasks"]["RTE"], before["tasks"]["RTE"], ablated["tasks"]["RTE"]
+    lent_lr = previous["chosen_lr"]["lora"]
+    assert task["baseline_reproduced"] == {"method": "lora", "lr": lent_lr, "seed": 0,
+                                           "source_score": previous["scores"]["lora"][lent_lr]["0"],
+                                           "rerun_score": previous["scores"]["lora"][lent_lr]["0"]}
     for method in ("lora", "full"):  # taken as the baseline check had them
         assert all(task[k][method] == previous[k][method] for k in ("chosen_lr", "selection_means", "seeds", "scores"))
     lrs = [f"{lr:g}" for lr in heldout.BUDGETS["tiny"].lr_grid["rosa"]]
@@ -237,13 +242,39 @@ def test_baseline_chooses_only_rosa_and_takes_lora_and_full_from_the_check_of_th
     means = [statistics.fmean([scores[lr]["0"], scores[lr]["1"]]) for lr in lrs]
     assert task["chosen_lr"]["rosa"] == lrs[means.index(max(means))]
     assert task["seeds"]["rosa"] == [scores[task["chosen_lr"]["rosa"]]["2"]]
-    # The reproduction rerun, the other LR on seed 1, and seed 2 of a new choice: ROSA runs only.
-    assert len(trained) == 1 + task["trained_runs"] == 1 + len(lrs) - 1 + (task["chosen_lr"]["rosa"] != source_lr)
+    # Besides the lent run's check: the reproduction rerun, the other LR on seed 1, and seed 2 of a new choice.
+    assert len(trained) - 1 == 1 + task["trained_runs"] == 1 + len(lrs) - 1 + (task["chosen_lr"]["rosa"] != source_lr)
     assert report["paired"]["rosa_minus_baseline_rosa"]["RTE"]["mean"] == pytest.approx(
         100 * (task["seeds"]["rosa"][0] - previous["seeds"]["rosa"][0]))
     md = (tmp_path / "heldout.md").read_text()
     assert "**ROSA ablation** (as the source ran it): singular values `split`, resampling every 1000000" in md
     assert f"are those of the check in `{checked_dir}`" in md and "| rosa - baseline rosa |" in md
+    assert "Each task first reran that check's chosen lora run on seed 0 here and got the same score" in md
+
+
+@pytest.mark.real_model
+@needs_glue
+def test_a_baseline_check_whose_lent_run_scores_otherwise_here_is_refused_before_rosa_trains(
+        checked, ablation, tmp_path, monkeypatch):
+    (checked_dir, _), (ablation_dir, _) = checked, ablation
+    check, source = (json.loads((d / name).read_text()) for d, name in ((checked_dir, "heldout.json"),
+                                                                        (ablation_dir, "glue.json")))
+    # As if the table both reused had been made on another torch build: its LoRA run scores 1e-3 more than here.
+    lr, lent = check["tasks"]["RTE"]["chosen_lr"]["lora"], source["tasks"]["RTE"]
+    check["tasks"]["RTE"]["scores"]["lora"][lr]["0"] += 1e-3
+    lent["runs"]["lora"][lr]["final_score"] += 1e-3
+    if f"{lent['chosen']['lora']['lr']:g}" == lr:
+        lent["seeds"]["lora"][0] += 1e-3
+    for name, data, directory in (("heldout.json", check, "check"), ("glue.json", source, "source")):
+        (tmp_path / directory).mkdir()
+        (tmp_path / directory / name).write_text(json.dumps(data))
+    heldout = load_benchmark("glue_heldout")
+    trained, train = [], heldout.glue_table.train
+    monkeypatch.setattr(heldout.glue_table, "train", lambda method, *a: trained.append(method) or train(method, *a))
+    with pytest.raises(RuntimeError, match=rf"RTE: the earlier report's lora run \(lr {lr}, seed 0\) scored .* "
+                                           "its runs cannot be reused"):
+        heldout.main(heldout_args(tmp_path / "source", tmp_path / "out") + ["--baseline", str(tmp_path / "check")])
+    assert trained == ["rosa", "lora"]  # the source's reproduction rerun and the lent run's check: nothing else
 
 
 def rank1_source(source_dir: Path, out: Path) -> dict:
@@ -262,7 +293,8 @@ def test_a_baseline_check_of_another_rank_lends_only_full_and_pairs_both_adapter
     trained, train = [], heldout.glue_table.train
     monkeypatch.setattr(heldout.glue_table, "train", lambda method, *a: trained.append(method) or train(method, *a))
     report = heldout.main(heldout_args(tmp_path / "rank1", tmp_path / "out") + ["--baseline", str(checked_dir)])
-    assert report["complete"] and report["baseline_rank"] == 8 and set(trained) == {"rosa", "lora"}
+    assert report["complete"] and report["baseline_rank"] == 8 and set(trained) == {"rosa", "lora", "full"}
+    assert trained.count("full") == 1 and report["tasks"]["RTE"]["baseline_reproduced"]["method"] == "full"
     task, previous, given = report["tasks"]["RTE"], before["tasks"]["RTE"], rank1["tasks"]["RTE"]
     assert all(task[k]["full"] == previous[k]["full"] for k in ("chosen_lr", "selection_means", "seeds", "scores"))
     for method in ("rosa", "lora"):  # chosen here over this source's rank-1 runs
@@ -322,7 +354,7 @@ def test_widen_with_baseline_widens_the_chosen_adapters_and_still_takes_full_fro
     trained, train = [], heldout.glue_table.train
     monkeypatch.setattr(heldout.glue_table, "train", lambda method, *a: trained.append(method) or train(method, *a))
     report = heldout.main(heldout_args(tmp_path / "rank1", tmp_path / "wide") + lend + ["--widen", str(tmp_path / "first")])
-    assert report["complete"] and set(trained) == {"rosa", "lora"}
+    assert report["complete"] and set(trained) == {"rosa", "lora", "full"} and trained.count("full") == 1
     task, previous, lent = report["tasks"]["RTE"], first["tasks"]["RTE"], before["tasks"]["RTE"]
     grid = [f"{lr:g}" for lr in heldout.BUDGETS["tiny"].lr_grid["full"]]
     assert task["grid"]["full"] == grid and all(task[k]["full"] == lent[k]["full"] for k in heldout.LENT_KEYS)
