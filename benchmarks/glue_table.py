@@ -46,11 +46,11 @@ taken to 5 seeds that way one seed at a time, then to 7 with seeds 5 and 6 toget
 ``--baseline DIR`` trains only ROSA and takes LoRA's and full fine-tuning's runs from ``DIR/glue.json``
 (same budget, model, rank and first seed): a ROSA variant is then paired with the very runs the
 default was paired with, at a third of the cost. Each task first reruns the first lent method's chosen
-seed-0 run and stops unless it scores what ``DIR`` holds (:func:`check_reproduction`), so runs made with
+seed-0 run and stops unless it scores what ``DIR`` holds (:func:`check_rerun`), so runs made with
 another torch or transformers build never pair with new ones unchecked. With another ``--rank`` than
 ``DIR``'s it trains ROSA and LoRA at that rank and takes only full fine-tuning's runs (which have no rank);
-the paired table then also has each adapter against its ``DIR`` twin and the change in ROSA minus LoRA. ``glue_heldout.py`` takes a
-finished table and chooses each LR on some seeds and scores it on the others.
+the paired table then also has each adapter against its ``DIR`` twin and the change in ROSA minus LoRA.
+``glue_heldout.py`` takes a finished table and chooses each LR on some seeds and scores it on the others.
 
 ``--widen PREVIOUS`` asks whether a grid's end held a choice back: for every trained method and task whose
 seed-0 choice in ``PREVIOUS/glue.json`` (a finished run with the same options) sat at an end of its grid,
@@ -379,12 +379,11 @@ def widened(grid: list[str], chosen: str) -> list[str]:
 
 
 def check_reproduction(result: dict[str, Any], settings: glue.GlueSettings, data: glue.GlueData, tokenizer,
-                       args: argparse.Namespace, method: str = "rosa") -> dict[str, Any]:
-    """Retrain the chosen ``method`` run of ``result`` (one task of an earlier report) with the ``settings`` of
-    its first seed (:func:`check_rerun`)."""
-    lr = result["chosen"][method]["lr"]
-    expected = result["runs"][method][f"{lr:g}"]["final_score"]
-    return check_rerun(method, lr, expected, settings, data, tokenizer, args)
+                       args: argparse.Namespace) -> dict[str, Any]:
+    """Retrain the chosen ROSA run of ``result`` (one task of an earlier report) with the ``settings`` of its
+    first seed (:func:`check_rerun`)."""
+    lr = result["chosen"]["rosa"]["lr"]
+    return check_rerun("rosa", lr, result["runs"]["rosa"][f"{lr:g}"]["final_score"], settings, data, tokenizer, args)
 
 
 def check_rerun(method: str, lr: float, expected: float, settings: glue.GlueSettings, data: glue.GlueData,
@@ -401,7 +400,7 @@ def check_rerun(method: str, lr: float, expected: float, settings: glue.GlueSett
 
 def largest_rerun_difference(tasks: dict[str, Any], key: str = "reproduced") -> float:
     """The largest score difference of the tasks' :func:`check_reproduction` reruns stored under ``key`` (0 for none)."""
-    return max((abs(r[key]["rerun_score"] - r[key]["source_score"]) for r in tasks.values() if key in r), default=0.0)
+    return max((abs(r[key]["rerun_score"] - r[key]["source_score"]) for r in tasks.values()), default=0.0)
 
 
 def widen_grid(task: str, previous: dict[str, Any], budget: Budget, args: argparse.Namespace,
@@ -450,9 +449,10 @@ def run_task(task: str, done: Optional[dict[str, Any]], budget: Budget, args: ar
     methods = [m for m in METHODS if m not in reused]
     checked = {}
     if reused and not done:  # the lent runs must score here what they scored there before new runs pair with them
-        lender = next(iter(reused))
-        lent = {"runs": {lender: reused[lender]["runs"]}, "chosen": {lender: reused[lender]["chosen"]}}
-        checked["baseline_reproduced"] = check_reproduction(lent, *seed_data(task, budget, args, args.seed), args, lender)
+        lender, parts = next(iter(reused.items()))
+        chosen = parts["chosen"]
+        checked["baseline_reproduced"] = check_rerun(lender, chosen["lr"], chosen["final_score"],
+                                                     *seed_data(task, budget, args, args.seed), args)
     result = done or (widen_grid(task, widen, budget, args, methods) if widen else
                       run_grid(task, budget, args, methods))
     result.update(checked)
