@@ -399,7 +399,7 @@ def check_rerun(method: str, lr: float, expected: float, settings: glue.GlueSett
 
 
 def largest_rerun_difference(tasks: dict[str, Any], key: str = "reproduced") -> float:
-    """The largest score difference of the tasks' :func:`check_reproduction` reruns stored under ``key`` (0 for none)."""
+    """The largest score difference of the tasks' :func:`check_rerun` reruns stored under ``key`` (0 for none)."""
     return max((abs(r[key]["rerun_score"] - r[key]["source_score"]) for r in tasks.values()), default=0.0)
 
 
