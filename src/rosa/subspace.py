@@ -93,9 +93,26 @@ def thin_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     :func:`checked_svd` redoes those with ``gesvd`` (QR based: slow, accurate).
     """
     if not w.is_cuda:
-        return torch.linalg.svd(w, full_matrices=False)
+        return separate_svds(w)
     return checked_svd(w, partial(torch.linalg.svd, full_matrices=False, driver="gesvda"),
                        partial(torch.linalg.svd, full_matrices=False, driver="gesvd"))
+
+
+def separate_svds(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(w, full_matrices=False)`` of ``w [..., out, in]``, one LAPACK call per matrix.
+
+    The CPU path. On 2 quiet cores, one batched call and separate calls over MiniLM's 24 attention
+    matrices (384 x 384) both took ~0.4 s, but with another process busy on the cores the batched call
+    took 12-13 s against 2.1-2.3 s for the separate ones. Each matrix's result does not depend on the batch.
+    """
+    if w[..., 0, 0].numel() == 1:  # one matrix: no batch to split
+        return torch.linalg.svd(w, full_matrices=False)
+    batch = w.reshape(-1, *w.shape[-2:])  # [B, out, in]
+    (count, rows, cols), k = batch.shape, min(w.shape[-2:])
+    u, s, vh = batch.new_empty(count, rows, k), batch.new_empty(count, k), batch.new_empty(count, k, cols)
+    for index, matrix in enumerate(batch):
+        torch.linalg.svd(matrix, full_matrices=False, out=(u[index], s[index], vh[index]))
+    return u.reshape(*w.shape[:-1], k), s.reshape(*w.shape[:-2], k), vh.reshape(*w.shape[:-2], k, cols)
 
 
 def checked_svd(w: torch.Tensor, fast: SvdFn, exact: SvdFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
