@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -32,3 +33,54 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``||a - b|| / ||b||`` in float64 on the CPU (``||b||`` floored at 1e-12), for tensors of any dtype and device."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_resampling(model: torch.nn.Module, batch, rows: slice, steps: int, every: int,
+                     after_resample=lambda model, optimizer: None) -> torch.Tensor:
+    """AdamW on the MSE of ``model`` over ``rows`` of ``batch(step)``'s ``(inputs, targets)`` for ``steps`` steps,
+    ``rosa.resample`` (then ``after_resample(model, optimizer)``) after every ``every``-th; the losses ``[steps]``."""
+    import rosa
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(steps):
+        x, y = batch(step)
+        loss = torch.nn.functional.mse_loss(model(x[rows]), y[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+        if (step + 1) % every == 0:
+            rosa.resample(model, optimizer)
+            after_resample(model, optimizer)
+    return torch.stack(losses)
+
+
+def _gloo_worker(rank: int, world: int, port: int, out: str, run) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = run(rank)
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(run, world: int, directory: Path) -> dict:
+    """``run(rank)`` in ``world`` spawned processes of one gloo group on 127.0.0.1 (one thread each); rank 0's result."""
+    import torch.multiprocessing as mp
+
+    out = directory / "rank0.pt"
+    mp.spawn(_gloo_worker, args=(world, free_port(), str(out), run), nprocs=world, join=True)
+    return torch.load(out, weights_only=False)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import rosa
 from rosa.distributed import check_rank_agreement, check_wrappers, layer_digest
+
+from helpers import spawn_gloo, train_resampling
 
 WORLD = 2
 BATCH = 8  # global batch: BATCH // WORLD rows per rank
@@ -36,19 +35,7 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(model: nn.Module, rows: slice, after_resample=lambda model: None) -> torch.Tensor:
     """Train STEPS steps on ``rows`` of each global batch, resampling every RESAMPLE_EVERY; the losses."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(STEPS):
-        x, y = batch(step)
-        loss = nn.functional.mse_loss(model(x[rows]), y[rows])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())
-        if (step + 1) % RESAMPLE_EVERY == 0:
-            rosa.resample(model, optimizer)
-            after_resample(model)
-    return torch.stack(losses)
+    return train_resampling(model, batch, rows, STEPS, RESAMPLE_EVERY, lambda model, optimizer: after_resample(model))
 
 
 def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -81,7 +68,8 @@ def ddp_run(rank: int) -> dict:
 
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
-    result["fsdp2"] = expect_error(NotImplementedError, lambda: rosa.resample(fully_shard(build())))
+    result["fsdp2_wrap"] = expect_error(ValueError, lambda: rosa.wrap(fully_shard(nn.Sequential(nn.Linear(4, 4))),
+                                                                       rosa.RosaConfig(rank=1)))
     fsdp1 = FullyShardedDataParallel(build(), device_id=torch.device("cpu"), use_orig_params=True)
     result["fsdp1"] = expect_error(NotImplementedError, lambda: rosa.resample(fsdp1))
     plain = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 4)))
@@ -89,29 +77,9 @@ def ddp_run(rank: int) -> dict:
     return result
 
 
-def worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        result = ddp_run(rank)
-        if rank == 0:
-            torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_result(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("ddp") / "rank0.pt"
-    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    return torch.load(out, weights_only=True)
+    return spawn_gloo(ddp_run, WORLD, tmp_path_factory.mktemp("ddp"))
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(ddp_result):
@@ -132,9 +100,9 @@ def test_a_perturbed_rank_is_named(ddp_result):
     assert "ROSA layer 'module.2' differs between rank 0 and rank(s) [1]" in ddp_result["perturbed"]
 
 
-def test_sharded_and_ddp_wrapped_models_are_refused(ddp_result):
-    assert "FSDP2 fully_shard" in ddp_result["fsdp2"] and "summon_full_params" in ddp_result["fsdp2"]
-    assert "FullyShardedDataParallel (FSDP)" in ddp_result["fsdp1"]
+def test_fsdp1_and_wrapping_sharded_or_ddp_models_are_refused(ddp_result):
+    assert "already sharded by FSDP2" in ddp_result["fsdp2_wrap"]
+    assert "FullyShardedDataParallel (FSDP)" in ddp_result["fsdp1"] and "fully_shard" in ddp_result["fsdp1"]
     assert "wrap the plain model first, then build DDP" in ddp_result["wrap_ddp"]
 
 
@@ -142,7 +110,7 @@ def test_deepspeed_zero3_parameters_are_refused():
     model = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model[0].base.weight.ds_id = 0  # what DeepSpeed ZeRO-3 attaches to partitioned parameters
-    with pytest.raises(NotImplementedError, match="DeepSpeed ZeRO-3"):
+    with pytest.raises(NotImplementedError, match="DeepSpeed ZeRO-3.*master copy"):
         rosa.resample(model)
     with pytest.raises(NotImplementedError, match="rosa.merge: .*DeepSpeed ZeRO-3"):
         rosa.merge(model)

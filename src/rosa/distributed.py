@@ -3,8 +3,9 @@
 ROSA needs no communication of its own: every rank draws the same subspace from
 ``(seed, layer name, resample count)``, and ``rosa.resample`` changes factor values in place, so DDP
 keeps its parameters and buckets. :func:`check_rank_agreement` verifies that the ranks really hold
-bitwise-identical ROSA layers. Sharded wrappers (FSDP, FSDP2 ``fully_shard``, DeepSpeed ZeRO-3)
-hold only a shard of each weight on a rank; :func:`check_wrappers` refuses them.
+bitwise-identical ROSA layers. FSDP2 (``fully_shard``, DTensor parameters) is handled by
+:mod:`rosa.sharded`; FSDP1 and DeepSpeed ZeRO-3 hide the full weights from ROSA, and
+:func:`check_wrappers` refuses them.
 """
 
 from __future__ import annotations
@@ -16,16 +17,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .sharded import full, is_sharded
+
 _DIGEST_WORDS = 4  # a SHA-256 digest as four int64 words
 
-_SHARDED_HELP = (
-    "ROSA's factorize/merge/resample need each layer's full weight, but this model is sharded by {wrapper}, "
-    "so a rank only holds a shard. Sharded training is not supported yet. Use DistributedDataParallel "
-    "(torchrun / accelerate launch with DDP) if the model fits on one device. Under FSDP, resampling would "
-    "have to run inside FullyShardedDataParallel.summon_full_params(model, writeback=True, rank0_only=False) "
-    "on every rank and then reset the sharded optimizer state; rosa does not do that for you. "
-    "See docs/distributed.md."
-)
+_SHARDED_HELP = {
+    "FullyShardedDataParallel (FSDP)": (
+        "FSDP1 flattens parameters into flat buffers, so ROSA cannot reach a layer's residual and factors "
+        "or their optimizer state. Shard with FSDP2 instead: rosa.wrap(model, config), then "
+        "torch.distributed.fsdp.fully_shard on each block and on the root"
+    ),
+    "DeepSpeed ZeRO-3": (
+        "ZeRO-3 partitions parameters outside PyTorch's view and its optimizer keeps its own fp32 master "
+        "copy of them, which would overwrite the factors rosa.resample writes. Use FSDP2 "
+        "(torch.distributed.fsdp.fully_shard, or accelerate's FSDP2 plugin) or DistributedDataParallel"
+    ),
+}
 
 
 # -- rank agreement ------------------------------------------------------------------------------
@@ -37,8 +44,9 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 def layer_digest(name: str, layer: nn.Module) -> list[int]:
     """SHA-256 of a ROSA layer's name, residual weight, bias and factors (four int64 words), plus its resample count."""
     digest = hashlib.sha256(name.encode())
-    for tensor in (layer.base.weight, layer.base.bias, layer.up, layer.down):
+    for tensor in (layer.base.weight, getattr(layer.base, "bias", None), layer.up, layer.down):  # embeddings: no bias
         if tensor is not None:
+            tensor = full(tensor)
             digest.update(f"{tensor.dtype}{list(tensor.shape)}".encode())
             digest.update(_tensor_bytes(tensor))
     words = [int.from_bytes(digest.digest()[i : i + 8], "little", signed=True) for i in range(0, 32, 8)]
@@ -60,8 +68,8 @@ def _collective_device(group: Any) -> torch.device:
 def check_rank_agreement(model: nn.Module, group: Optional[Any] = None) -> int:
     """Raise ``RuntimeError`` unless every rank of ``group`` holds bitwise-identical ROSA layers.
 
-    Compares, per layer, a SHA-256 of the residual weight, bias and factors, and the resample
-    count. Collective: every rank of ``group`` must call it (each raises the same error). Outside
+    Compares, per layer, a SHA-256 of the residual weight, bias and factors (all-gathered under
+    FSDP2), and the resample count. Collective: every rank of ``group`` must call it (each raises the same error). Outside
     an initialized process group it checks nothing. Returns the number of layers compared.
     """
     from .model import rosa_layers
@@ -102,23 +110,15 @@ def _fsdp_class() -> Optional[type]:
     return FullyShardedDataParallel
 
 
-def _dtensor_class() -> Optional[type]:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return None
-    return DTensor
-
-
 def sharding_wrapper(model: nn.Module) -> Optional[str]:
     """The name of the wrapper that shards ``model``'s weights across ranks, or ``None``."""
-    fsdp, dtensor = _fsdp_class(), _dtensor_class()
+    fsdp = _fsdp_class()
     if fsdp is not None and any(isinstance(m, fsdp) for m in model.modules()):
         return "FullyShardedDataParallel (FSDP)"
     for param in model.parameters():
         if hasattr(param, "ds_id"):
             return "DeepSpeed ZeRO-3"
-        if dtensor is not None and isinstance(param, dtensor):
+        if is_sharded(param):
             return "FSDP2 fully_shard / DTensor"
     return None
 
@@ -126,13 +126,19 @@ def sharding_wrapper(model: nn.Module) -> Optional[str]:
 def check_wrappers(model: nn.Module, operation: str) -> None:
     """Refuse models ``operation`` (``"wrap"``, ``"resample"`` or ``"merge"``) would silently get wrong.
 
-    Raises ``NotImplementedError`` for sharded models (FSDP, FSDP2, DeepSpeed ZeRO-3), and
-    ``ValueError`` when asked to wrap a model already inside ``DistributedDataParallel`` (factors
-    created after DDP is built would not be synchronized).
+    Raises ``NotImplementedError`` for FSDP1 and DeepSpeed ZeRO-3, and ``ValueError`` when asked to
+    wrap a model that is already inside ``DistributedDataParallel`` or sharded by FSDP2 (factors
+    created afterwards would be neither synchronized nor sharded). FSDP2 models resample and merge.
     """
     wrapper = sharding_wrapper(model)
-    if wrapper is not None:
-        raise NotImplementedError(f"rosa.{operation}: " + _SHARDED_HELP.format(wrapper=wrapper))
+    if wrapper in _SHARDED_HELP:
+        raise NotImplementedError(f"rosa.{operation}: this model is sharded by {wrapper}. " + _SHARDED_HELP[wrapper]
+                                  + ". See docs/distributed.md.")
+    if operation == "wrap" and wrapper is not None:
+        raise ValueError(
+            "rosa.wrap got a model already sharded by FSDP2 (DTensor parameters); wrap the plain model first, "
+            "then call fully_shard (FSDP2 only shards parameters that exist when it is applied)"
+        )
     if operation == "wrap" and isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError(
             "rosa.wrap got a DistributedDataParallel model; wrap the plain model first, then build DDP "

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import subspace
+from . import sharded, subspace
 
 
 def conv1d_type() -> Optional[type]:
@@ -103,11 +103,11 @@ class RosaLayer(nn.Module):
 
     # -- the weight as an [out, in] matrix -------------------------------------------------------
     def dense_weight(self) -> torch.Tensor:
-        """The base weight viewed as ``[out, in]``."""
+        """The base weight viewed as ``[out, in]`` (all-gathered when it is sharded, see :mod:`rosa.sharded`)."""
         raise NotImplementedError
 
     def set_dense_weight(self, weight: torch.Tensor) -> None:
-        """Write an ``[out, in]`` matrix into the base weight (in the base weight's dtype)."""
+        """Write an ``[out, in]`` matrix into the base weight (in the base weight's dtype; each rank's shard when sharded)."""
         raise NotImplementedError
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -126,13 +126,13 @@ class RosaLayer(nn.Module):
     def load_factors(self, up: torch.Tensor, down: torch.Tensor, residual: torch.Tensor) -> None:
         """Install a factorization of the current base weight: ``residual [out, in]`` into the base, the factors into ``up``/``down``."""
         self.set_dense_weight(residual)
-        self.up.copy_(up)
-        self.down.copy_(down)
+        sharded.assign(self.up, up)
+        sharded.assign(self.down, down)
 
     @torch.no_grad()
     def fold(self) -> None:
         """Add ``up @ down`` into the base weight and zero the factors; the function is unchanged."""
-        self.set_dense_weight(subspace.merged_weight(self.dense_weight(), self.up, self.down))
+        self.set_dense_weight(subspace.merged_weight(self.dense_weight(), sharded.full(self.up), sharded.full(self.down)))
         self.up.zero_()
         self.down.zero_()
 
@@ -153,7 +153,7 @@ class RosaLayer(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The current adapter contribution ``up @ down`` as ``[out, in]`` (float32)."""
-        return self.up.float() @ self.down.float()
+        return sharded.full(self.up).float() @ sharded.full(self.down).float()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -182,12 +182,11 @@ class RosaLinear(RosaLayer):
         return not isinstance(self.base, nn.Linear)
 
     def dense_weight(self) -> torch.Tensor:
-        weight = self.base.weight
+        weight = sharded.full(self.base.weight)
         return weight.T if self.transposed else weight
 
     def set_dense_weight(self, weight: torch.Tensor) -> None:
-        target = self.base.weight
-        target.copy_(weight.T if self.transposed else weight)
+        sharded.assign(self.base.weight, weight.T if self.transposed else weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)  # [..., out]
@@ -207,10 +206,10 @@ class RosaConv2d(RosaLayer):
     """
 
     def dense_weight(self) -> torch.Tensor:
-        return self.base.weight.flatten(1)  # [out, in/groups*kh*kw]
+        return sharded.full(self.base.weight).flatten(1)  # [out, in/groups*kh*kw]
 
     def set_dense_weight(self, weight: torch.Tensor) -> None:
-        self.base.weight.copy_(weight.reshape(self.base.weight.shape))
+        sharded.assign(self.base.weight, weight.reshape(self.base.weight.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base
@@ -251,22 +250,23 @@ class RosaEmbedding(RosaLayer):
             )
 
     def dense_weight(self) -> torch.Tensor:
-        return self.base.weight  # [num_embeddings, dim]
+        return sharded.full(self.base.weight)  # [num_embeddings, dim]
 
     def set_dense_weight(self, weight: torch.Tensor) -> None:
         """Write every row but the padding row, which keeps its original value exactly."""
-        table, padding_idx = self.base.weight, self.base.padding_idx
-        padding_row = None if padding_idx is None else table[padding_idx].clone()  # [dim]
-        table.copy_(weight)
-        if padding_row is not None:
-            table[padding_idx] = padding_row
+        padding_idx = self.base.padding_idx
+        if padding_idx is not None:
+            weight = weight.clone()
+            weight[padding_idx] = self.dense_weight()[padding_idx]
+        sharded.assign(self.base.weight, weight)
 
     @torch.no_grad()
     def load_factors(self, up: torch.Tensor, down: torch.Tensor, residual: torch.Tensor) -> None:
         """As :meth:`RosaLayer.load_factors`; the padding row's factor row is zero, so it is never adapted."""
-        super().load_factors(up, down, residual)
         if self.base.padding_idx is not None:
-            self.up[self.base.padding_idx] = 0
+            up = up.clone()
+            up[self.base.padding_idx] = 0
+        super().load_factors(up, down, residual)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         base = self.base

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from . import presets, subspace
+from . import presets, sharded, subspace
 from .config import Patterns, RosaConfig, matches
 from .distributed import check_wrappers
 from .layers import SUPPORTED_TYPES, RosaLayer, check_adaptable, check_weight, is_supported, layer_class_for
@@ -132,39 +132,47 @@ def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in rosa_layers(model).values() for p in (layer.up, layer.down)]
 
 
-def resample(model: nn.Module, optimizer: Optional[Any] = None) -> int:
+def resample(model: nn.Module, optimizer: Optional[Any] = None, *, split_svd: Optional[bool] = None) -> int:
     """Merge every ROSA layer, draw a new subspace, and clear the factors' optimizer state.
 
-    Parameter objects keep their identity, so optimizers, schedulers and DDP keep working.
-    Returns the number of layers resampled.
+    Parameter objects keep their identity, so optimizers, schedulers, DDP and FSDP2 keep working.
+    Under FSDP2 each layer is gathered, refactorized and written back into each rank's shard.
+    ``split_svd`` (default: on when the default process group has 2+ ranks) computes each group's
+    SVD on one rank and broadcasts it (:func:`rosa.sharded.round_robin`); then every rank must call
+    resample. Returns the number of layers resampled.
     """
     check_wrappers(model, "resample")
     layers = rosa_layers(model)
     if not layers:
         raise ValueError("model has no ROSA layers; call rosa.wrap(model, config) first")
+    split = sharded.split_enabled(split_svd)
+    sharded.reshard(model)
     for layer in layers.values():
         layer.resample(defer_factorize=True)
-    factorize_layers(layers.values())
+    factorize_layers(layers.values(), split)
     if optimizer is not None:
         reset_optimizer_state(optimizer, factor_parameters(model))
     return len(layers)
 
 
-def factorize_layers(layers: Iterable[RosaLayer]) -> None:
+def factorize_layers(layers: Iterable[RosaLayer], split: bool = False) -> None:
     """Factorize ``layers`` with one batched SVD per group of equal weight shape, device and settings.
 
     Same result as ``layer.factorize()`` on each. Groups run one after another, and a group with more
-    than ``GROUP_BYTES`` of float32 weights is cut into chunks, so extra memory stays near one chunk's SVD.
+    than ``GROUP_BYTES`` of float32 weights is cut into chunks, so extra memory stays near one chunk's SVD
+    (two chunks' results with ``split``, which computes each chunk on one rank and broadcasts it).
     """
-    for chunk in _factorize_chunks(layers):
-        _factorize_chunk(chunk)
+    chunks = _factorize_chunks(layers)
+    for chunk, factors in sharded.round_robin(chunks, _chunk_weights, _factorize_weights, _empty_factors, split):
+        _load_chunk(chunk, factors)
+        del factors  # before the next chunk is computed
 
 
 def _factorize_chunks(layers: Iterable[RosaLayer]) -> list[list[RosaLayer]]:
     groups: dict[tuple, list[RosaLayer]] = {}
     for layer in layers:
-        weight = layer.dense_weight()
-        key = (tuple(weight.shape), weight.device, layer.rank, layer.selection, layer.svd, layer.singular_values)
+        shape = (layer.up.shape[0], layer.down.shape[1])  # the [out, in] weight's, read without gathering it
+        key = (shape, layer.up.device, layer.rank, layer.selection, layer.svd, layer.singular_values)
         groups.setdefault(key, []).append(layer)
     chunks = []
     for (shape, *_), members in groups.items():
@@ -174,19 +182,37 @@ def _factorize_chunks(layers: Iterable[RosaLayer]) -> list[list[RosaLayer]]:
 
 
 @torch.no_grad()
-def _factorize_chunk(layers: list[RosaLayer]) -> None:
+def _chunk_weights(layers: list[RosaLayer]) -> tuple:
+    return layers, [layer.dense_weight() for layer in layers]
+
+
+@torch.no_grad()
+def _factorize_weights(chunk: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layers, weights = chunk
     first = layers[0]
-    weights = [layer.dense_weight() for layer in layers]
     generators = [layer.subspace_generator() for layer in layers]
-    ups, downs, residuals = subspace.factorize_group(weights, first.rank, first.selection, generators, first.svd,
-                                                     first.singular_values)
-    for layer, up, down, residual in zip(layers, ups, downs, residuals):
+    return subspace.factorize_group(weights, first.rank, first.selection, generators, first.svd,
+                                    first.singular_values)
+
+
+@torch.no_grad()
+def _load_chunk(layers: list[RosaLayer], factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    for layer, up, down, residual in zip(layers, *factors):
         layer.load_factors(up, down, residual)
+
+
+def _empty_factors(layers: list[RosaLayer]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Buffers for a chunk's ``(up [G, out, R], down [G, R, in], residual [G, out, in])`` as factorize_group returns them."""
+    (out, rank), (_, cols), g = layers[0].up.shape, layers[0].down.shape, len(layers)
+    device = layers[0].up.device
+    return tuple(torch.empty(*shape, dtype=torch.float32, device=device) for shape in
+                 ((g, out, rank), (g, rank, cols), (g, out, cols)))
 
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every ROSA layer into a plain layer of its original type, in place; returns ``model``."""
     check_wrappers(model, "merge")
+    sharded.reshard(model)
     for name, layer in rosa_layers(model).items():
         _set_submodule(model, name, layer.merge())
     if hasattr(model, CONFIG_ATTR):

@@ -1,0 +1,167 @@
+"""ROSA under FSDP2 (``fully_shard``, 2 gloo processes on loopback) against the same run in one process,
+and resampling SVDs split across ranks against local ones (FSDP2 and DDP)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import rosa
+from rosa.distributed import check_rank_agreement
+from rosa.model import factor_parameters
+
+from helpers import spawn_gloo, train_resampling
+
+WORLD = 2
+BATCH = 8  # global batch: BATCH // WORLD rows per rank
+STEPS = 6
+RESAMPLE_EVERY = 2
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 5)  # 5 rows: uneven shards over 2 ranks
+        self.outer = nn.Linear(5, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.outer(torch.tanh(self.inner(x)))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6, padding_idx=0)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids).mean(dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def build() -> Net:
+    torch.manual_seed(0)
+    config = rosa.RosaConfig(rank=3, seed=1, target_modules=["embed", "inner", "outer", "head"])
+    return rosa.wrap(Net(), config)
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return torch.randint(0, 10, (BATCH, 4), generator=g), torch.randn(BATCH, 3, generator=g)
+
+
+def train(model: nn.Module, rows: slice, after_resample=lambda model, optimizer: None) -> torch.Tensor:
+    """Train STEPS steps on ``rows`` of each global batch, resampling every RESAMPLE_EVERY; the losses."""
+    return train_resampling(model, batch, rows, STEPS, RESAMPLE_EVERY, after_resample)
+
+
+def shard(model: Net) -> Net:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict, on every rank (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+
+
+def fsdp_run(rank: int) -> dict:
+    model = shard(build())
+    params = list(model.parameters())
+    checks, identity, cleared = [], [], []
+
+    def after_resample(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        checks.append(check_rank_agreement(model))
+        identity.append(all(p is q for p, q in zip(params, model.parameters())))
+        cleared.append(not any(p in optimizer.state for p in factor_parameters(model)))
+
+    per = BATCH // WORLD
+    losses = train(model, slice(rank * per, (rank + 1) * per), after_resample)
+    dist.all_reduce(losses)
+    result = {"losses": losses / WORLD, "checks": checks, "identity": identity, "cleared": cleared,
+              "sharded": type(model.head.up).__name__}
+
+    # split SVDs (the default here) against each rank computing every SVD itself: bitwise equal
+    twin = shard(build())
+    rosa.resample(twin, split_svd=False)
+    split_twin = shard(build())
+    rosa.resample(split_twin)
+    local, split = full_state(twin), full_state(split_twin)
+    result["split_equal"] = local.keys() == split.keys() and all(torch.equal(local[k], split[k]) for k in local)
+
+    rosa.merge(model)
+    result["merged"] = {k: v.clone() for k, v in full_state(model).items()}
+    return result
+
+
+def ddp_split_run(rank: int) -> dict:
+    """DDP: a split resample equals the local one bitwise, and ranks agree."""
+    local = nn.parallel.DistributedDataParallel(build())
+    split = nn.parallel.DistributedDataParallel(build())
+    rosa.resample(local, split_svd=False)
+    rosa.resample(split, split_svd=True)
+    a, b = local.module.state_dict(), split.module.state_dict()
+    return {"split_equal": all(torch.equal(a[k], b[k]) for k in a), "checks": check_rank_agreement(split)}
+
+
+def spawn(run, directory) -> dict:
+    return spawn_gloo(run, WORLD, directory)
+
+
+@pytest.fixture(scope="module")
+def fsdp_result(tmp_path_factory) -> dict:
+    return spawn(fsdp_run, tmp_path_factory.mktemp("fsdp"))
+
+
+def test_fsdp2_run_with_resamples_matches_one_process(fsdp_result):
+    assert fsdp_result["sharded"] == "DTensor"
+    model = build()
+    losses = train(model, slice(0, BATCH))
+    torch.testing.assert_close(fsdp_result["losses"], losses, rtol=1e-5, atol=1e-6)
+    reference = rosa.merge(copy.deepcopy(model)).state_dict()
+    assert fsdp_result["merged"].keys() == reference.keys()
+    for name, weight in reference.items():
+        torch.testing.assert_close(fsdp_result["merged"][name], weight, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fsdp2_resample_keeps_parameters_clears_factor_state_and_ranks_agree(fsdp_result):
+    resamples = STEPS // RESAMPLE_EVERY
+    assert fsdp_result["checks"] == [len(rosa.rosa_layers(build()))] * resamples
+    assert fsdp_result["identity"] == [True] * resamples
+    assert fsdp_result["cleared"] == [True] * resamples
+
+
+def test_fsdp2_merged_state_dict_loads_into_the_plain_model(fsdp_result):
+    plain = Net()
+    plain.load_state_dict(fsdp_result["merged"])  # strict: no ROSA keys left, none missing
+    assert not rosa.rosa_layers(plain)
+
+
+def test_split_svd_equals_local_svd_under_fsdp2(fsdp_result):
+    assert fsdp_result["split_equal"]
+
+
+def test_split_svd_equals_local_svd_under_ddp(tmp_path):
+    result = spawn(ddp_split_run, tmp_path)
+    assert result["split_equal"]
+    assert result["checks"] == len(rosa.rosa_layers(build()))
+
+
+def test_split_svd_needs_a_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="initialized torch.distributed process group"):
+        rosa.resample(build(), split_svd=True)
