@@ -42,15 +42,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW (lr 1e-2) over ``model``'s trainable parameters."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
 def train_resampling(model: torch.nn.Module, batch, rows: slice, steps: int, every: int,
-                     after_resample=lambda model, optimizer: None) -> torch.Tensor:
-    """AdamW on the MSE of ``model`` over ``rows`` of ``batch(step)``'s ``(inputs, targets)`` for ``steps`` steps,
-    ``rosa.resample`` (then ``after_resample(model, optimizer)``) after every ``every``-th; the losses ``[steps]``."""
+                     after_resample=lambda model, optimizer: None, optimizer=None, start: int = 0) -> torch.Tensor:
+    """``optimizer`` (default :func:`adamw`) on the MSE of ``model`` over ``rows`` of ``batch(step)``'s
+    ``(inputs, targets)`` for steps ``start .. steps - 1``, ``rosa.resample`` (then ``after_resample(model,
+    optimizer)``) after every ``every``-th; the losses ``[steps - start]``."""
     import rosa
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = optimizer or adamw(model)
     losses = []
-    for step in range(steps):
+    for step in range(start, steps):
         x, y = batch(step)
         loss = torch.nn.functional.mse_loss(model(x[rows]), y[rows])
         optimizer.zero_grad()

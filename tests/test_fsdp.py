@@ -4,6 +4,7 @@ and resampling SVDs split across ranks against local ones (FSDP2 and DDP)."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -13,8 +14,9 @@ from torch import nn
 import rosa
 from rosa.distributed import check_rank_agreement
 from rosa.model import factor_parameters
+from rosa.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 
-from helpers import spawn_gloo, train_resampling
+from helpers import adamw, spawn_gloo, train_resampling
 
 WORLD = 2
 BATCH = 8  # global batch: BATCH // WORLD rows per rank
@@ -118,6 +120,31 @@ def ddp_split_run(rank: int) -> dict:
     return {"split_equal": all(torch.equal(a[k], b[k]) for k in a), "checks": check_rank_agreement(split)}
 
 
+def dcp_run(directory: str, rank: int) -> dict:
+    """Runs stopped after step 2 (just resampled) and step 3, saved with DCP, loaded into fresh sharded
+    models and optimizers and finished: their losses and final states against the uninterrupted run's."""
+    per = BATCH // WORLD
+    rows = slice(rank * per, (rank + 1) * per)
+    model = shard(build())
+    losses = train_resampling(model, batch, rows, STEPS, RESAMPLE_EVERY)
+    final = full_state(model)
+    result = {}
+    for stop in (2, 3):
+        first = shard(build())
+        optimizer = adamw(first)
+        train_resampling(first, batch, rows, stop, RESAMPLE_EVERY, optimizer=optimizer)
+        save_sharded_checkpoint(f"{directory}/{stop}", first, optimizer)
+        second = shard(build())
+        optimizer = adamw(second)
+        load_sharded_checkpoint(f"{directory}/{stop}", second, optimizer)
+        counts = [layer.resample_count for layer in rosa.rosa_layers(second).values()]
+        resumed = train_resampling(second, batch, rows, STEPS, RESAMPLE_EVERY, optimizer=optimizer, start=stop)
+        state = full_state(second)
+        result[stop] = {"losses": torch.equal(resumed, losses[stop:]), "counts": counts,
+                        "state": all(torch.equal(state[k], final[k]) for k in final)}
+    return result
+
+
 def spawn(run, directory) -> dict:
     return spawn_gloo(run, WORLD, directory)
 
@@ -165,3 +192,11 @@ def test_split_svd_needs_a_process_group():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="initialized torch.distributed process group"):
         rosa.resample(build(), split_svd=True)
+
+
+def test_dcp_resume_under_fsdp2_is_exact_also_across_a_resample(tmp_path):
+    result = spawn(partial(dcp_run, str(tmp_path)), tmp_path)
+    layers = len(rosa.rosa_layers(build()))
+    for stop in (2, 3):
+        assert result[stop]["counts"] == [stop // RESAMPLE_EVERY] * layers
+        assert result[stop]["losses"] and result[stop]["state"], stop
