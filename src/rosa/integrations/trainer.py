@@ -14,6 +14,16 @@ from ..schedule import ResampleSchedule, base_optimizer, rewarmup_factor
 logger = logging.getLogger("rosa")
 
 
+def _checkpointing(args: TrainingArguments) -> bool:
+    return bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False))
+
+
+def enable_input_grads(model: nn.Module) -> None:
+    """Make a Hugging Face model's input embeddings output require grad, once (a no-op for other models)."""
+    if hasattr(model, "enable_input_require_grads") and not getattr(model, "_require_grads_hooks", None):
+        model.enable_input_require_grads()
+
+
 class RosaCallback(TrainerCallback):
     """Resample a ROSA-wrapped model on a schedule during ``Trainer.train()``.
 
@@ -33,6 +43,11 @@ class RosaCallback(TrainerCallback):
     ``{"rosa/trainable_params", "rosa/layers", "step"}`` at the start of training and
     ``{"rosa/resamples", "rosa/trainable_params", "step", "epoch"}`` after every resample.
     ``resample_steps`` lists the global steps at which resamples happened.
+
+    With activation (gradient) checkpointing on, the callback makes the input embeddings' output
+    require grad (``model.enable_input_require_grads()``, as PEFT does) unless the model already did:
+    otherwise, under reentrant checkpointing, no gradient reaches the factors inside checkpointed blocks
+    when the layers before them are frozen.
     """
 
     def __init__(
@@ -60,6 +75,8 @@ class RosaCallback(TrainerCallback):
                 "before creating the Trainer"
             )
         self._restore_progress(state, layers.values())
+        if _checkpointing(args):
+            enable_input_grads(model)
         state.log_history.append(
             {"rosa/trainable_params": parameter_report(model)["trainable"], "rosa/layers": len(layers),
              "step": state.global_step}
