@@ -117,7 +117,18 @@ def ddp_split_run(rank: int) -> dict:
     rosa.resample(local, split_svd=False)
     rosa.resample(split, split_svd=True)
     a, b = local.module.state_dict(), split.module.state_dict()
-    return {"split_equal": all(torch.equal(a[k], b[k]) for k in a), "checks": check_rank_agreement(split)}
+    result = {"split_equal": all(torch.equal(a[k], b[k]) for k in a), "checks": check_rank_agreement(split)}
+
+    torch.manual_seed(rank)  # different models on the two ranks: refused on both, nothing changed
+    other = rosa.wrap(nn.Sequential(nn.Linear(4, 4 + rank)), rosa.RosaConfig(rank=1))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    try:
+        rosa.resample(other)
+        result["mismatch"] = "no error"
+    except RuntimeError as err:
+        result["mismatch"] = str(err)
+    result["untouched"] = all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    return result
 
 
 def dcp_run(directory: str, rank: int) -> dict:
@@ -185,6 +196,8 @@ def test_split_svd_equals_local_svd_under_fsdp2(fsdp_result):
 def test_split_svd_equals_local_svd_under_ddp(tmp_path):
     result = spawn(ddp_split_run, tmp_path)
     assert result["split_equal"]
+    assert "ranks hold different ROSA layers" in result["mismatch"] and "split_svd=False" in result["mismatch"]
+    assert result["untouched"]
     assert result["checks"] == len(rosa.rosa_layers(build()))
 
 

@@ -146,6 +146,8 @@ def resample(model: nn.Module, optimizer: Optional[Any] = None, *, split_svd: Op
     if not layers:
         raise ValueError("model has no ROSA layers; call rosa.wrap(model, config) first")
     split = sharded.split_enabled(split_svd)
+    if split:
+        sharded.check_same_work([(name, tuple(layer.up.shape), tuple(layer.down.shape)) for name, layer in layers.items()])
     sharded.reshard(model)
     for layer in layers.values():
         layer.resample(defer_factorize=True)

@@ -13,6 +13,7 @@ broadcast, so every rank ends with the owner's bitwise result.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
@@ -77,6 +78,21 @@ def split_enabled(split: Optional[bool]) -> bool:
     if split and not running:
         raise ValueError("split_svd=True needs an initialized torch.distributed process group")
     return running and dist.get_world_size() > 1
+
+
+def check_same_work(work: list) -> None:
+    """Raise ``RuntimeError`` on every rank unless all ranks of the default group pass an equal ``work``
+    description (its ``repr`` is hashed; collective)."""
+    digest = hashlib.sha256(repr(work).encode()).digest()
+    local = torch.tensor([int.from_bytes(digest[:8], "little", signed=True)])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError(
+            "rosa.resample with split_svd: the ranks hold different ROSA layers (shapes or counts differ), so "
+            "they cannot share SVDs; nothing was changed. Every rank must resample the same "
+            "model; to resample a model that only this rank holds, pass split_svd=False"
+        )
 
 
 def round_robin(
