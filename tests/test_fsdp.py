@@ -107,7 +107,31 @@ def fsdp_run(rank: int) -> dict:
 
     rosa.merge(model)
     result["merged"] = {k: v.clone() for k, v in full_state(model).items()}
+    result["peaks"] = {blocks: resample_peaks(blocks) for blocks in (8, 16)}
     return result
+
+
+def resample_peaks(blocks: int, width: int = 64) -> dict[bool, float]:
+    """Peak allocation of one FSDP2 resample of ``blocks`` sharded width x width ROSA layers, one SVD
+    group per layer, in units of one layer's float32 weight; with the SVDs split and not."""
+    from torch.distributed.fsdp import fully_shard
+
+    from rosa.experiments.bench import allocation_trace
+
+    torch.manual_seed(0)
+    model = rosa.wrap(nn.Sequential(*[nn.Sequential(nn.Linear(width, width)) for _ in range(blocks)]),
+                      rosa.RosaConfig(rank=4, seed=0))
+    for block in model:
+        fully_shard(block)
+    fully_shard(model)
+    layer_bytes = width * width * 4
+    peaks = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rosa.model, "GROUP_BYTES", layer_bytes)
+        for split in (False, True):
+            rosa.resample(model, split_svd=split)  # a first resample: one-off lazy allocations do not count
+            peaks[split] = allocation_trace(lambda: rosa.resample(model, split_svd=split)).peak / layer_bytes
+    return peaks
 
 
 def ddp_split_run(rank: int) -> dict:
@@ -213,3 +237,11 @@ def test_dcp_resume_under_fsdp2_is_exact_also_across_a_resample(tmp_path):
     for stop in (2, 3):
         assert result[stop]["counts"] == [stop // RESAMPLE_EVERY] * layers
         assert result[stop]["losses"] and result[stop]["state"], stop
+
+
+def test_fsdp2_resample_peak_memory_does_not_grow_with_the_model(fsdp_result):
+    peaks = fsdp_result["peaks"]
+    for split in (False, True):
+        # measured 5.0 (local) and 6.1-7.2 (split) layers' weights for 8, 16 and 32 layers
+        assert peaks[16][split] <= peaks[8][split] + 1.5, split
+        assert peaks[16][split] <= 8, split  # half the 16 layers' full weights

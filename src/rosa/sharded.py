@@ -131,3 +131,4 @@ def round_robin(
                 dist.broadcast(tensor, src=offset)
             yield item, result
             del result
+        del own_result  # before the next round's inputs are gathered
