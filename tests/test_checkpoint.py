@@ -282,7 +282,8 @@ def test_non_finite_state_is_refused_and_the_checkpoint_kept(saved_once, where):
         save_checkpoint(directory, run.model, run.optimizer, run.scheduler, run.schedule, extra=extra)
     assert sorted(p.name for p in directory.parent.iterdir()) == ["ckpt"]
     assert_loads_step_1(directory, snapshot)
-    save_checkpoint(directory, run.model, run.optimizer, run.scheduler, run.schedule, extra=extra, allow_non_finite=True)
+    save_checkpoint(directory, run.model, run.optimizer, run.scheduler, run.schedule, extra=extra,
+                    allow_non_finite=True)
     assert checkpoint.checkpoint_extra(directory)["step"] == 2
 
 
@@ -394,7 +395,7 @@ def square_model(seed: int) -> nn.Module:
 
 @pytest.mark.parametrize("redigest", [False, True], ids=["manifest_digest", "tensor_digests"])
 def test_swapped_index_entries_of_the_same_shape_are_detected(tmp_path, redigest):
-    """Each guard alone catches the swap: the manifest's digest, and (with that digest recomputed) the per-tensor digests."""
+    """Each guard alone catches the swap: the manifest's digest, and (that digest recomputed) the tensor digests."""
     save_checkpoint(tmp_path / "ckpt", square_model(0))
 
     def swap(manifest):
@@ -404,7 +405,8 @@ def test_swapped_index_entries_of_the_same_shape_are_detected(tmp_path, redigest
     rewrite_manifest(tmp_path / "ckpt", swap, redigest)
     model = square_model(1)
     before = state(model)
-    message = "the tensor for .0.base.weight. differs from its SHA-256" if redigest else "its content differs from its digest"
+    message = ("the tensor for .0.base.weight. differs from its SHA-256" if redigest
+               else "its content differs from its digest")
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(tmp_path / "ckpt", model)
     assert_same_state(state(model), before)

@@ -5,9 +5,10 @@ A checkpoint is a directory holding exactly these files:
 * ``rosa.json`` (the manifest): format version, the ``RosaConfig``, each ROSA layer's metadata
   (name, type, rank, selection, seed, singular-value placement, resample count: the resample count
   fixes the layer's next subspace draw), the model class (and Hugging Face config), the index of
-  the model state, the SHA-256 of ``training_state.json``, a SHA-256 of every stored tensor (its
-  dtype, shape and bytes) keyed by its name, and ``digest``: the SHA-256 of all of the above in
-  canonical JSON (sorted keys, no spaces).
+  the model state, the SHA-256 of ``training_state.json``, the SHA-256 of every tensor (its dtype,
+  shape and bytes) keyed by its name (``0.up``; a training-state tensor by its path, as in
+  ``optimizer.state.state.0.exp_avg``), and ``digest``: the SHA-256 of all of the above as canonical
+  JSON (sorted keys, no spaces).
 * ``model.safetensors``: every entry of ``model.state_dict()`` (``W_res`` base weights, factors,
   heads, buffers ...). Tied weights are stored once; the index records the other names.
 * ``training_state.json`` + ``training_state.safetensors``: optimizer, LR scheduler and
@@ -37,7 +38,8 @@ Guaranteed:
   files. Both checks, like every other refusal, come before any file is touched.
 
 Not guaranteed: a load that overlaps a save of the same checkpoint may fail with ``CheckpointError``
-(it never loads a mix of the two; load again); files are not encrypted or signed.
+(it never loads a mix of the two; load again); Python numbers (``extra={"best": float("inf")}``,
+scheduler state) are stored as they are, unchecked; files are not encrypted or signed.
 """
 
 from __future__ import annotations
