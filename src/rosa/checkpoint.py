@@ -458,7 +458,11 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {str(path)!r} is missing; the checkpoint is incomplete") from None
+        raise _missing(path) from None
+
+
+def _missing(path: Path) -> CheckpointError:
+    return CheckpointError(f"checkpoint file {str(path)!r} is missing; the checkpoint is incomplete")
 
 
 def _corrupted(path: Path, what: str) -> CheckpointError:
@@ -503,7 +507,7 @@ def _read_state(directory: Path, name: str, encoded: Any, manifest: dict) -> Any
     """``encoded`` decoded with the tensors of ``directory/name``, each checked against the manifest."""
     path = directory / name
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {str(path)!r} is missing; the checkpoint is incomplete")
+        raise _missing(path)
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as err:
