@@ -38,8 +38,9 @@ optimizer step of batch 8 at ~550 tokens took 5.5-14 s (ROSA, LoRA; full fine-tu
 greedy generation 0.9 s per MR alone (batch 12, 48 new tokens; e2e_table measured 1.7 s next to
 another job). Per run on SmolLM2 under load: under 15 s for the update ranks (120 float64 SVDs), ~5 s
 to load, ~7 s per ROSA resample at rank 16, ~3 s per adapter checkpoint and ~18 s per full
-fine-tuning checkpoint (1.6 GB with Adam's state; three per run). At pessimistic rates, 12 s per adapter step, 15 s per full step, 1.7 s per generated MR and a minute
-of loading, ranks and checkpoints per run: training 24 x 60 x 12 s + 4 x 60 x 15 s = 348 min;
+fine-tuning checkpoint (1.6 GB with Adam's state; three per run). At pessimistic rates, 12 s per
+adapter step, 15 s per full step, 1.7 s per generated MR and a minute of loading, ranks, resamples
+and checkpoints per run on average: training 24 x 60 x 12 s + 4 x 60 x 15 s = 348 min;
 generation 28 x 109 x 1.7 s + 14 x 44 x 1.7 s (validation, seed 0 only) = 104 min; overhead 28 min;
 480 worker-minutes, about 4 hours with two workers (about 2.5 hours at the faster rates). So the
 steps stay at 60, the fewest the protocol allows, and every test MR is scored.
