@@ -314,12 +314,12 @@ def total_steps(s: E2ESettings, steps_per_epoch: int) -> int:
 
 
 def train(model: nn.Module, method: str, lr: float, loader: torch.utils.data.DataLoader, s: E2ESettings,
-          checkpoint_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+          checkpoint_dir: Path, settings: dict[str, Any], desc: Optional[str] = None) -> dict[str, Any]:
     """Train ``model`` in place (:mod:`.training`'s recipe); ROSA resamples on schedule, then re-warms up the LR.
 
     Continues from the checkpoint in ``checkpoint_dir`` if there is one (``settings`` must match
     :func:`check_resumable`), and saves one there every ``s.checkpoint_every`` steps and at the end.
-    Returns the per-step loss curve, resample steps, tokens and timing.
+    Returns the per-step loss curve, resample steps, tokens and timing. ``desc`` names the progress bar.
     """
     steps = total_steps(s, len(loader))
     optimizer = adamw(model, lr)
@@ -330,7 +330,7 @@ def train(model: nn.Module, method: str, lr: float, loader: torch.utils.data.Dat
     start = time.perf_counter() - state.seconds
     model.train()
     batches = itertools.islice(endless(loader, state.data_position), steps - state.step)
-    for step, (batch, position) in enumerate(progress(batches, f"e2e {method} train", steps - state.step),
+    for step, (batch, position) in enumerate(progress(batches, desc or f"e2e {method} train", steps - state.step),
                                              state.step + 1):
         # a resample after the last step would be wasted
         report = optimizer_step(model, batch, optimizer, scheduler, schedule, resample=step < steps)
@@ -486,6 +486,11 @@ def write_tiny_model(folder: str | Path, texts: Sequence[str], architecture: str
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+def write_tiny_e2e_model(folder: str | Path, data: str | Path) -> Path:
+    """:func:`write_tiny_model` (Llama) whose vocabulary covers the prompts and references of E2E CSV ``data``."""
+    return write_tiny_model(folder, [format_prompt(e.mr) + " " + e.ref for e in read_e2e_csv(data)], "llama")
 
 
 # -- reporting ----------------------------------------------------------------------------------
