@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from benchmarks import glue_table
-from benchmarks.glue_table import BUDGETS, REPO, Budget, widened
+from benchmarks.glue_table import BUDGETS, REPO, ROSA_VARIANT, Budget, widened
 from rosa.experiments.methods import METHODS
 from rosa.experiments.reporting import format_table, machine_info
 
-ROSA_VARIANT = ("rosa_singular_values", "rosa_resample_every", "rosa_rewarmup_steps",  # a ROSA ablation's settings
-                "rosa_selection")
 LENT_KEYS = ("chosen_lr", "selection_means", "seeds", "scores")  # what a --baseline check lends of each lent method
 Scores = dict[str, dict[str, dict[str, float]]]  # method -> LR (as "%g") -> seed (as str) -> final dev score
 

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from scipy import stats
@@ -39,9 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS = ("CoLA", "MRPC", "RTE", "STS-B")
 # Settings a --resume or --widen report must share with this run (a --baseline report all but the rank).
 SHARED_SETTINGS = ("budget_name", "budget", "model", "rank", "seed")
-# The run's variant, which --resume must also share, with the value of reports from before each key existed.
-VARIANT_DEFAULTS = {"rosa_singular_values": "split", "rosa_resample_every": None, "rosa_rewarmup_steps": None,
-                    "rosa_selection": "random", "baseline": None, "widen": None}
+# The run's variant, which --resume must also share, with the value of reports from before each key existed:
+# the ROSA ablation settings, then the reports it reused runs from.
+ROSA_VARIANT = {"rosa_singular_values": "split", "rosa_resample_every": None, "rosa_rewarmup_steps": None,
+                "rosa_selection": "random"}
+VARIANT_DEFAULTS = {**ROSA_VARIANT, "baseline": None, "widen": None}
 REPRODUCE_TOLERANCE = 1e-6  # a rerun of an earlier report's run must score this close to reuse that report's runs
 
 
@@ -658,7 +660,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def settings_of(report: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+def settings_of(report: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     """``keys`` of a report as JSON gives them back; a report older than a key gets its :data:`VARIANT_DEFAULTS` value."""
     return json.loads(json.dumps({k: report.get(k, VARIANT_DEFAULTS.get(k)) for k in keys}))
 

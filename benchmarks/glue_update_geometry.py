@@ -23,7 +23,8 @@ from typing import Any, Optional
 
 import rosa
 from benchmarks import glue_table
-from benchmarks.glue_table import BUDGETS, REPO, REPRODUCE_TOLERANCE, TASKS, VARIANT_DEFAULTS, Budget, in_workers
+from benchmarks.glue_table import (BUDGETS, REPO, REPRODUCE_TOLERANCE, ROSA_VARIANT, TASKS, VARIANT_DEFAULTS, Budget,
+                                   in_workers)
 from rosa.experiments import glue
 from rosa.experiments.glue_data import get_task_spec
 from rosa.experiments.models import load_sequence_classifier
@@ -35,7 +36,7 @@ from rosa.model import find_targets
 VARIANTS = {"rosa": ("rosa", "random"), "rosa-top": ("rosa", "top"), "lora": ("lora", "random"), "full": ("full", "random")}
 SOURCE_OPTIONS = {"random": "--from", "top": "--top-from"}  # selection -> the option naming its report
 # ROSA settings of glue_table.py that both reports must have left at their defaults (the reruns use those)
-DEFAULT_VARIANT = ("rosa_singular_values", "rosa_resample_every", "rosa_rewarmup_steps")
+DEFAULT_VARIANT = tuple(k for k in ROSA_VARIANT if k != "rosa_selection")
 ENERGY = 0.9  # of the update's squared Frobenius norm
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "glue-update-geometry"
 TINY = replace(BUDGETS["tiny"], epochs=2)  # --tiny: two subspaces, so one resample is measured
