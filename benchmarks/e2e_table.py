@@ -77,7 +77,7 @@ def rosa_e2e_argv(budget: Budget, model: str, data: Path, seed: int, out: Path) 
 
 
 def target_checks(result: dict[str, Any]) -> dict[str, bool]:
-    """The issue's targets: ROSA >= LoRA on BLEU and ROUGE-L; merged ROSA generations byte-identical."""
+    """The checks this table reports: ROSA >= LoRA on BLEU and ROUGE-L; merged ROSA generations byte-identical."""
     rosa, lora = result["methods"]["rosa"], result["methods"]["lora"]
     return {
         "rosa_ge_lora_bleu": rosa["metrics"]["bleu"] >= lora["metrics"]["bleu"],

@@ -264,7 +264,7 @@ def test_smollm2_cached_copy_matches_fresh_gguf_dequantization(smollm2_cache, mo
 def test_crash_mid_build_leaves_no_usable_cache(monkeypatch, tmp_path):
     """A failed save leaves nothing that is later loaded; the next call builds a complete cache."""
     monkeypatch.setenv("ROSA_CACHE_DIR", str(tmp_path))
-    # A tiny stand-in for the dequantized GGUF keeps this test fast (one real build per session).
+    # A tiny stand-in for the dequantized GGUF keeps this test fast (one real build per test run).
     monkeypatch.setattr(bundled, "_load_gguf", lambda gguf: (_tiny_llama(), _tiny_tokenizer()))
     target = tmp_path / bundled._cache_key(bundled.smollm2_gguf_path())
 
