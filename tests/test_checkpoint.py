@@ -73,7 +73,7 @@ def conv_embed_loss(model: nn.Module, step: int) -> torch.Tensor:
 
 # kind -> (model factory, loss, target_modules)
 MODELS = {
-    "mlp": (mlp, mlp_loss, None),
+    "mlp": (mlp, mlp_loss, ["0", "2"]),
     "gpt2": (tiny_gpt2, gpt2_loss, None),
     "conv_embed": (ConvEmbed, conv_embed_loss, ["embed", "conv", "head"]),
 }
@@ -323,7 +323,8 @@ def test_checkpoint_without_singular_value_placement_loads_as_split(trained):
 def test_different_layers_and_parameter_names(tmp_path, trained):
     directory, _ = trained
     torch.manual_seed(0)
-    model = rosa.wrap(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3), nn.Linear(3, 3)), rosa.RosaConfig(rank=2))
+    model = rosa.wrap(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3), nn.Linear(3, 3)),
+                      rosa.RosaConfig(rank=2, target_modules=["0", "2", "3"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     before = state(model)
     with pytest.raises(CheckpointError, match=r"(?s)ROSA layers only in the model: '3'.*tensors only in the model: '3.up', '3.down', '3.base.weight'"):

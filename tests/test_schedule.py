@@ -7,7 +7,7 @@ import rosa
 
 def wrapped():
     torch.manual_seed(0)
-    return rosa.wrap(nn.Sequential(nn.Linear(8, 8)), rosa.RosaConfig(rank=2))
+    return rosa.wrap(nn.Sequential(nn.Linear(8, 8)), rosa.RosaConfig(rank=2, target_modules=["0"]))
 
 
 def test_every_steps_with_warmup_resamples_at_the_right_steps():
@@ -74,3 +74,16 @@ def test_rewarmup_factor_ramps_after_the_latest_resample():
     assert factors[10:] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert [rosa.rewarmup_factor(done, [4], 3) for done in range(3, 8)] == [1.0, 0.25, 0.5, 0.75, 1.0]
     assert rosa.rewarmup_factor(5, [], 3) == rosa.rewarmup_factor(5, [4], 0) == 1.0
+
+
+def test_a_non_finite_factor_stops_the_schedule_with_the_error_and_changes_nothing():
+    model = wrapped()
+    schedule = rosa.ResampleSchedule(every_steps=1)
+    layer = rosa.rosa_layers(model)["0"]
+    with torch.no_grad():
+        layer.down[1, 3] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(rosa.NonFiniteError, match=r"rosa.resample refused: NaN or Inf in 0.down \(1 non-finite\)"):
+        schedule.step(model)
+    assert schedule.resample_points == [] and layer.resample_count == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

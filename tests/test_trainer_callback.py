@@ -164,3 +164,30 @@ def test_minilm_trainer_resamples_clears_factor_state_and_round_trips(tmp_path):
     inputs = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
+
+
+class Poison(TrainerCallback):
+    """Puts a NaN into one factor at the end of optimizer step ``step`` (before RosaCallback runs) and
+    keeps a copy of the model's state right after."""
+
+    def __init__(self, step: int):
+        self.step, self.state = step, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.bert.encoder.layer[0].attention.self.query.up[0, 0] = float("nan")
+            self.state = {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_non_finite_factor_stops_the_trainer_with_the_error_and_leaves_the_model_as_it_was(tmp_path):
+    model = tiny_rosa_bert()
+    poison, callback = Poison(step=2), RosaCallback(every_steps=2)
+    trainer = Trainer(model=model, args=training_args(tmp_path, num_train_epochs=1),
+                      train_dataset=random_examples(4 * BATCH, 40), callbacks=[poison, callback])
+    with pytest.raises(rosa.NonFiniteError, match=r"attention.self.query.up \(1 non-finite\); nothing was changed"):
+        trainer.train()
+    assert callback.resample_steps == [] and trainer.state.global_step == 2
+    after = model.state_dict()
+    assert all(torch.equal(poison.state[k].nan_to_num(), v.nan_to_num()) for k, v in after.items())
+    assert {layer.resample_count for layer in rosa.rosa_layers(model).values()} == {0}

@@ -72,12 +72,25 @@ def is_head(model: nn.Module, name: str, module: nn.Module) -> bool:
     return name.split(".")[0] in HEAD_NAMES and model_type(model) is not None
 
 
+def fallback_targets(model: nn.Module, linear: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The layers ``target_modules=None`` adapts on a model without a preset: of ``linear`` (its
+    ``nn.Linear``/``Conv1D`` layers, in module order), all but the output layer.
+
+    The output layer of a Hugging Face model is its output embeddings or a task head (a top-level
+    module named as in ``HEAD_NAMES``); of a plain ``nn.Module``, its last linear layer in module
+    order. Convolutions and embeddings are adapted only when named in ``target_modules``.
+    """
+    if model_type(model) is None:
+        return linear[:-1]
+    return [(n, m) for n, m in linear if not is_head(model, n, m)]
+
+
 def log_fallback(model: nn.Module, count: int) -> None:
-    """Log that an unknown architecture got the every-supported-layer fallback."""
+    """Log that an unknown architecture got the linear-layer fallback of :func:`fallback_targets`."""
     kind = model_type(model) or type(model).__name__
     logger.info(
-        "rosa: no target preset for %r; adapting every supported layer except the output head (%d layers). "
-        "Pass RosaConfig(target_modules=...) to choose.",
+        "rosa: no target preset for %r; adapting every linear layer except the output layer (%d layers; for a "
+        "plain nn.Module the output layer is its last nn.Linear). Pass RosaConfig(target_modules=...) to choose.",
         kind,
         count,
     )
