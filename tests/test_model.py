@@ -357,3 +357,18 @@ def test_a_float32_residual_under_a_bf16_model_trains_resamples_and_merges_back_
     assert {m.weight.dtype for m in merged.encoder.values()} == {torch.bfloat16}
     with torch.no_grad():
         assert torch.allclose(merged(x).float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_resample_count_travels_with_state_dict_and_fixes_the_next_draw(tmp_path):
+    model, opt = trained()
+    rosa.resample(model, opt)
+    rosa.resample(model, opt)
+    assert int(model.state_dict()["encoder.query.resamples"]) == 2
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    other = rosa.wrap(fresh(seed=1), rosa.RosaConfig(rank=3, target_modules=["query", "value", "ffn"]))
+    other.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    counts = [layer.resample_count for layer in rosa.rosa_layers(other).values()]
+    assert counts == [2, 2, 2] and all(type(c) is int for c in counts)
+    rosa.resample(model)
+    rosa.resample(other)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence, Union
 
@@ -47,7 +48,10 @@ class RosaConfig:
     dropout: dropout probability on the adapter input, in [0, 1).
     seed: seeds every subspace draw; a layer's draw depends only on (seed, name, resample count).
     train_bias: also train the biases of adapted layers.
-    modules_to_save: modules trained fully (e.g. a classifier head), same pattern forms.
+    modules_to_save: modules trained fully (e.g. a classifier head), same pattern forms. ``None``
+        (default): nothing, except on a Hugging Face ``*ForSequenceClassification`` or
+        ``*ForTokenClassification`` model, whose new head (``classifier``/``score``) and BERT-style
+        pooler are trained (as PEFT's task types do; a warning names them). ``[]``: nothing.
     factor_dtype: dtype of the trainable factors (``None`` = the base weight's dtype), e.g.
         ``"float32"`` factors over bfloat16 base weights.
     svd: how wrap and resample compute singular vectors. ``full`` (default): the exact SVD.
@@ -89,6 +93,12 @@ class RosaConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        if self.svd == "randomized" and self.selection != "top":
+            warnings.warn(
+                f"RosaConfig.svd='randomized' has no effect with selection={self.selection!r}: it computes only the "
+                "leading singular vectors, so only selection='top' uses it; the exact SVD runs instead",
+                stacklevel=4,  # the caller of the dataclass __init__
+            )
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field, its value and what is allowed."""
@@ -119,6 +129,7 @@ class RosaConfig:
             raise _invalid("residual_dtype", self.residual_dtype, "use None (the base weight's dtype) or 'float32'")
         if self.svd not in SVD_METHODS:
             raise _invalid("svd", self.svd, f"choose one of {', '.join(SVD_METHODS)}")
+
 
     @property
     def factor_torch_dtype(self) -> Optional[torch.dtype]:

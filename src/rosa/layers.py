@@ -89,7 +89,8 @@ class RosaLayer(nn.Module):
         self.seed = seed
         self.svd = svd
         self.singular_values = singular_values
-        self.resample_count = 0
+        # the resample count fixes the next subspace draw, so it travels with state_dict()
+        self.register_buffer("resamples", torch.zeros((), dtype=torch.int64, device=base.weight.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = base.weight
         self.weight_dtype = weight.dtype  # what the plain layer computes in, and what merge returns
@@ -103,6 +104,15 @@ class RosaLayer(nn.Module):
     @classmethod
     def check_variant(cls, base: nn.Module, name: str) -> None:
         """Raise ``ValueError`` naming the layer if this configuration of its type cannot be adapted."""
+
+    @property
+    def resample_count(self) -> int:
+        """How many resamples this layer has had (the persistent buffer ``resamples``)."""
+        return int(self.resamples)
+
+    @resample_count.setter
+    def resample_count(self, value: int) -> None:
+        self.resamples.fill_(value)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         """As ``nn.Module._apply``; a dtype conversion (``.double()``, ``.to(dtype)``) also converts

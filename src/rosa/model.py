@@ -6,6 +6,7 @@ No linear algebra lives here: the layers own the math.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import Any, Iterable, Optional
 
@@ -19,6 +20,8 @@ from .errors import raise_if_non_finite
 from .layers import (SUPPORTED_TYPES, RosaLayer, RosaLinear, check_adaptable, check_weight, is_supported,
                      layer_class_for)
 from .schedule import check_optimizer, reset_optimizer_state
+
+logger = logging.getLogger("rosa")
 
 CONFIG_ATTR = "rosa_config"
 # Most float32 weight bytes stacked into one batched SVD: bounds the extra memory of wrap and resample.
@@ -60,8 +63,9 @@ def find_targets(model: nn.Module, config: RosaConfig) -> list[tuple[str, nn.Mod
     """The ``(name, module)`` pairs that ``config`` adapts, in model order.
 
     ``target_modules=None`` takes the architecture preset, else :func:`rosa.presets.fallback_targets`
-    (linear layers only, never the output layer). Raises ``ValueError`` when an explicit pattern (or
-    one entry of a list) matches nothing, or names only unsupported layers.
+    (linear layers only, never the output layer). Layers inside the modules trained fully by
+    default (:func:`rosa.presets.default_modules_to_save`) are never adapted. Raises ``ValueError``
+    when an explicit pattern (or one entry of a list) matches nothing, or names only unsupported layers.
     """
     named = [(n, m) for n, m in model.named_modules() if n]
     patterns = config.target_modules
@@ -87,6 +91,8 @@ def find_targets(model: nn.Module, config: RosaConfig) -> list[tuple[str, nn.Mod
                 f"RosaConfig.target_modules={wanted!r} matches only layers ROSA cannot adapt, e.g. {name!r} "
                 f"({type(module).__name__}); supported: {SUPPORTED_TYPES}"
             )
+    heads = presets.default_modules_to_save(model) if config.modules_to_save is None else []
+    targets = [(n, m) for n, m in targets if not any(n == h or n.startswith(h + ".") for h in heads)]
     kept = [(n, m) for n, m in targets if not matches(n, config.exclude_modules)]
     if not kept:
         raise ValueError(
@@ -97,7 +103,17 @@ def find_targets(model: nn.Module, config: RosaConfig) -> list[tuple[str, nn.Mod
 
 
 def _find_saved(model: nn.Module, config: RosaConfig) -> list[nn.Module]:
+    """The modules trained fully: ``modules_to_save``, or by default a classification model's head."""
     if config.modules_to_save is None:
+        heads = presets.default_modules_to_save(model)
+        if heads:
+            logger.warning(
+                "rosa: %s is a classification model, so its new head is trained fully: %s "
+                "(RosaConfig.modules_to_save=None; pass a list to choose, [] for none)",
+                type(model).__name__, ", ".join(heads),
+            )
+        return [model.get_submodule(name) for name in heads]
+    if not config.modules_to_save:
         return []
     named = [(n, m) for n, m in model.named_modules() if n]
     return [m for _, m in _check_matches("modules_to_save", config.modules_to_save, named)]
