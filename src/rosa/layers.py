@@ -59,8 +59,8 @@ def resolve_rank(rank: int | float, out_features: int, in_features: int, name: s
 class RosaLayer(nn.Module):
     """Shared state and lifecycle of a ROSA-adapted layer.
 
-    Subclasses implement ``dense_weight`` / ``set_dense_weight`` (the base weight as ``[out, in]``)
-    and ``forward``.
+    Subclasses implement ``dense_weight`` / ``to_base_layout`` (the base weight as ``[out, in]`` and
+    back), ``residual_forward`` and ``forward``.
     """
 
     def __init__(
@@ -98,6 +98,7 @@ class RosaLayer(nn.Module):
         dtype = factor_dtype or weight.dtype
         self.up = nn.Parameter(torch.zeros(out_features, self.rank, dtype=dtype, device=weight.device))
         self.down = nn.Parameter(torch.zeros(self.rank, in_features, dtype=dtype, device=weight.device))
+        self.register_load_state_dict_pre_hook(_refuse_plain_layer_state)
         if not defer_factorize:  # deferred: zero factors and an untouched base until a batched factorize
             self.factorize()
 
@@ -126,9 +127,13 @@ class RosaLayer(nn.Module):
         """The base weight viewed as ``[out, in]``."""
         raise NotImplementedError
 
-    def set_dense_weight(self, weight: torch.Tensor) -> None:
-        """Write an ``[out, in]`` matrix into the base weight (in the base weight's dtype)."""
+    def to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """An ``[out, in]`` matrix (a temporary, which this may overwrite) in the base weight's layout."""
         raise NotImplementedError
+
+    def set_dense_weight(self, weight: torch.Tensor) -> None:
+        """Write an ``[out, in]`` matrix (a temporary) into the base weight, in the base weight's dtype."""
+        self.base.weight.copy_(self.to_base_layout(weight))
 
     def residual_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output computed with its weight's own dtype (a float32 residual), in any dtype."""
@@ -231,13 +236,19 @@ class RosaLayer(nn.Module):
         self.up.zero_()
         self.down.zero_()
 
+    @torch.no_grad()
+    def merged_base_weight(self) -> torch.Tensor:
+        """The base layer's weight as :meth:`merge` leaves it (its layout, its original dtype), as a
+        new tensor; the layer is unchanged."""
+        return self.to_base_layout(self.source_weight(fold=True)).to(self.weight_dtype)
+
     def merge(self) -> nn.Module:
         """Fold the factors in and return the plain base layer, its weight back in its original dtype
         (this wrapper must not be used again)."""
-        merged = self.source_weight(fold=True)
+        merged = self.merged_base_weight()
         self._retype_weight(self.weight_dtype)
         with torch.no_grad():
-            self.set_dense_weight(merged)
+            self.base.weight.copy_(merged)
             self.up.zero_()
             self.down.zero_()
         return self.base
@@ -258,6 +269,17 @@ class RosaLayer(nn.Module):
                 f"singular_values={self.singular_values}{residual}, resamples={self.resample_count}")
 
 
+def _refuse_plain_layer_state(layer: RosaLayer, state_dict: dict, prefix: str, *_: object) -> None:
+    """Refuse a state dict that holds this layer as a plain layer: loading it would silently keep the current
+    residual and factors."""
+    if f"{prefix}weight" in state_dict and f"{prefix}base.weight" not in state_dict:
+        raise ValueError(
+            f"the state dict holds layer {prefix[:-1]!r} as a plain layer (a merged model, as save_pretrained of "
+            "a wrapped model writes it), which cannot restore a ROSA layer. Load it into a model that is not wrapped; "
+            "to resume a Trainer run, train with rosa.integrations.RosaCallback, whose checkpoints keep the ROSA state"
+        )
+
+
 class RosaLinear(RosaLayer):
     """ROSA over ``nn.Linear`` (weight ``[out, in]``) or transformers' ``Conv1D`` (weight ``[in, out]``).
 
@@ -273,9 +295,8 @@ class RosaLinear(RosaLayer):
         weight = self.base.weight
         return weight.T if self.transposed else weight
 
-    def set_dense_weight(self, weight: torch.Tensor) -> None:
-        target = self.base.weight
-        target.copy_(weight.T if self.transposed else weight)
+    def to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.transposed else weight
 
     def residual_forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.dense_weight(), self.base.bias
@@ -301,8 +322,8 @@ class RosaConv2d(RosaLayer):
     def dense_weight(self) -> torch.Tensor:
         return self.base.weight.flatten(1)  # [out, in/groups*kh*kw]
 
-    def set_dense_weight(self, weight: torch.Tensor) -> None:
-        self.base.weight.copy_(weight.reshape(self.base.weight.shape))
+    def to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(self.base.weight.shape)
 
     def residual_forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.base.weight, self.base.bias
@@ -349,13 +370,12 @@ class RosaEmbedding(RosaLayer):
     def dense_weight(self) -> torch.Tensor:
         return self.base.weight  # [num_embeddings, dim]
 
-    def set_dense_weight(self, weight: torch.Tensor) -> None:
-        """Write every row but the padding row, which keeps its original value exactly."""
-        table, padding_idx = self.base.weight, self.base.padding_idx
-        padding_row = None if padding_idx is None else table[padding_idx].clone()  # [dim]
-        table.copy_(weight)
-        if padding_row is not None:
-            table[padding_idx] = padding_row
+    def to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` with the padding row overwritten by the table's, which so keeps its original value exactly."""
+        padding_idx = self.base.padding_idx
+        if padding_idx is not None:
+            weight[padding_idx] = self.base.weight[padding_idx]
+        return weight
 
     @torch.no_grad()
     def load_factors(self, up: torch.Tensor, down: torch.Tensor, residual: torch.Tensor) -> None:

@@ -24,6 +24,8 @@ from .schedule import check_optimizer, reset_optimizer_state
 logger = logging.getLogger("rosa")
 
 CONFIG_ATTR = "rosa_config"
+SAVE_ATTR = "save_pretrained"  # a Hugging Face model's method that wrap overrides on the instance
+EXACT_SAVE_ATTR = "rosa_exact_save"  # set while save_pretrained must write the exact ROSA state
 # Most float32 weight bytes stacked into one batched SVD: bounds the extra memory of wrap and resample.
 GROUP_BYTES = 2**28
 NON_FINITE_FIX = ("A training step diverged (e.g. too high a learning rate, or fp16 overflow): restore the last "
@@ -179,6 +181,8 @@ def wrap(model: nn.Module, config: RosaConfig, *, check_ranks: bool = True) -> n
     for module in saved:
         module.requires_grad_(True)
     setattr(model, CONFIG_ATTR, config)
+    if callable(getattr(type(model), SAVE_ATTR, None)):
+        setattr(model, SAVE_ATTR, MergedSavePretrained(model))
     return model
 
 
@@ -287,9 +291,61 @@ def merge(model: nn.Module) -> nn.Module:
     raise_if_non_finite(_named_state(layers), "rosa.merge", NON_FINITE_FIX)
     for name, layer in layers.items():
         _set_submodule(model, name, layer.merge())
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    for attr in (CONFIG_ATTR, EXACT_SAVE_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if isinstance(vars(model).get(SAVE_ATTR), MergedSavePretrained):
+        delattr(model, SAVE_ATTR)
     return model
+
+
+def merged_state_dict(model: nn.Module, state: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """The state dict ``rosa.merge(model)`` would have, computed without changing ``model``.
+
+    ``state`` (default ``model.state_dict()``) with each ROSA layer's entries replaced by its base
+    layer's: ``weight`` the merged weight (new tensors: one copy of the adapted weights), ``bias``
+    as it is; the factors and resample counts dropped.
+    """
+    state = model.state_dict() if state is None else state
+    layers = rosa_layers(model)
+    merged = {}
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        layer_name, _, base = owner.rpartition(".")
+        if owner in layers:  # up, down, resamples
+            continue
+        if base == "base" and layer_name in layers:
+            layer = layers[layer_name]
+            merged[f"{layer_name}.{leaf}"] = layer.merged_base_weight().contiguous() if leaf == "weight" else value
+        else:
+            merged[key] = value
+    return merged
+
+
+def set_exact_saves(model: nn.Module, exact: bool) -> None:
+    """Whether ``model.save_pretrained`` writes the exact ROSA state (Trainer checkpoints) or the merged model."""
+    setattr(model, EXACT_SAVE_ATTR, exact)
+
+
+class MergedSavePretrained:
+    """``save_pretrained`` of a wrapped Hugging Face model: writes the merged plain model.
+
+    The saved folder loads with plain transformers (``from_pretrained``, no rosa needed) and computes
+    what the wrapped model computes; the wrapped model is not changed, so training goes on. While
+    :func:`set_exact_saves` is on (``RosaCallback`` turns it on for the length of ``Trainer.train``),
+    it writes the exact ROSA state instead, so Trainer checkpoints resume exactly.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        save = getattr(type(model), SAVE_ATTR)
+        if getattr(model, EXACT_SAVE_ATTR, False):
+            return save(model, save_directory, *args, **kwargs)
+        state = merged_state_dict(model, kwargs.pop("state_dict", None))
+        return save(model, save_directory, *args, state_dict=state, **kwargs)
 
 
 def parameter_report(model: nn.Module) -> dict[str, float]:

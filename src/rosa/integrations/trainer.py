@@ -8,7 +8,7 @@ from typing import Any, Optional
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..model import parameter_report, resample, rosa_layers
+from ..model import parameter_report, resample, rosa_layers, set_exact_saves
 from ..schedule import ResampleSchedule, base_optimizer, rewarmup_factor
 
 logger = logging.getLogger("rosa")
@@ -24,6 +24,10 @@ class RosaCallback(TrainerCallback):
     after the last optimizer step (or epoch): its subspace would never be trained. An error of the
     resample (e.g. :class:`rosa.NonFiniteError` after a diverged step) stops training with it,
     the model unchanged and earlier checkpoints intact.
+
+    While ``train()`` runs, the model's ``save_pretrained`` writes the exact ROSA state, so the
+    Trainer's checkpoints resume exactly; before and after, it writes the merged plain model
+    (``trainer.save_model()`` after training gives a model plain transformers loads).
 
     ``rewarmup_steps = n > 0`` ramps the learning rate back up after each resample: the j-th
     optimizer step after it (j = 1..n) runs at ``j / (n + 1)`` times the scheduled LR of every
@@ -63,6 +67,7 @@ class RosaCallback(TrainerCallback):
                 "before creating the Trainer"
             )
         self._restore_progress(state)
+        set_exact_saves(model, True)
         state.log_history.append(
             {"rosa/trainable_params": parameter_report(model)["trainable"], "rosa/layers": len(layers),
              "step": state.global_step}
@@ -85,8 +90,9 @@ class RosaCallback(TrainerCallback):
             self._scale_lrs(state, optimizer)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     optimizer: Any = None, **kwargs: Any) -> None:
+                     model: nn.Module = None, optimizer: Any = None, **kwargs: Any) -> None:
         self._restore_lrs(optimizer)
+        set_exact_saves(model, False)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _restore_progress(self, state: TrainerState) -> None:
