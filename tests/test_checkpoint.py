@@ -327,7 +327,8 @@ def test_different_layers_and_parameter_names(tmp_path, trained):
                       rosa.RosaConfig(rank=2, target_modules=["0", "2", "3"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     before = state(model)
-    with pytest.raises(CheckpointError, match=r"(?s)ROSA layers only in the model: '3'.*tensors only in the model: '3.up', '3.down', '3.resamples', '3.base.weight'"):
+    with pytest.raises(CheckpointError, match=r"(?s)ROSA layers only in the model: '3'.*"
+                                              r"tensors only in the model: '3.up', '3.down', '3.resamples', '3.base.weight'"):
         load_checkpoint(directory, model, optimizer)
     assert_same_state(state(model), before)
 

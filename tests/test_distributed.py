@@ -96,7 +96,8 @@ def ddp_run(rank: int) -> dict:
     fsdp1 = FullyShardedDataParallel(build(), device_id=torch.device("cpu"), use_orig_params=True)
     result["fsdp1"] = expect_error(NotImplementedError, lambda: rosa.resample(fsdp1))
     plain = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 4)))
-    result["wrap_ddp"] = expect_error(ValueError, lambda: rosa.wrap(plain, rosa.RosaConfig(rank=1, target_modules=["0"])))
+    config = rosa.RosaConfig(rank=1, target_modules=["0"])
+    result["wrap_ddp"] = expect_error(ValueError, lambda: rosa.wrap(plain, config))
     return result
 
 
@@ -149,7 +150,8 @@ def test_a_rank_with_another_seed_is_caught_at_wrap(ddp_result):
 
 
 def test_resample_catches_ranks_with_different_resample_counts(ddp_result):
-    assert "rosa.resample: rank(s) [1] differ from rank 0 in their ROSA layer settings or resample counts" in ddp_result["count"]
+    expected = "rosa.resample: rank(s) [1] differ from rank 0 in their ROSA layer settings or resample counts"
+    assert expected in ddp_result["count"]
     assert ddp_result["count_unchanged"] == [0, 0]  # rank 0's layers: the refused resample changed nothing
 
 

@@ -250,3 +250,23 @@ def test_trainer_checkpoints_keep_the_rosa_state_and_save_model_after_training_i
     final = safetensors.torch.load_file(tmp_path / "final" / "model.safetensors")
     assert "bert.encoder.layer.0.attention.self.query.weight" in final
     assert not any(k.endswith((".up", ".down", ".resamples")) or ".base." in k for k in final)
+
+
+def test_save_pretrained_of_a_wrapped_gpt2_with_tied_embeddings_reloads_plain(tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = rosa.wrap(GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16)),
+                      rosa.RosaConfig(rank=2)).eval()  # c_attn and c_proj: Conv1D, weight stored [in, out]
+    with torch.no_grad():
+        for layer in rosa.rosa_layers(model).values():
+            layer.up.add_(0.1 * torch.randn_like(layer.up))
+    ids = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "plain")
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", output_loading_info=True)
+    assert not any(info.values()), info
+    assert reloaded.lm_head.weight is reloaded.transformer.wte.weight
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)

@@ -60,9 +60,9 @@ class RosaConfig:
         exact, so the layer's function is still preserved. It applies to ``selection="top"`` with
         R <= min(out, in)/4 - 10; ``random`` and ``bottom`` need trailing singular vectors, so they
         (and larger ranks) use the exact SVD whatever this says.
-    singular_values: where the chosen singular values go: ``split`` (default: ``sqrt(s)`` on each factor), ``down`` (all of ``s`` on ``down``, ``up`` keeps the
-        orthonormal singular vectors; what the paper authors' reference code does) or ``up`` (the
-        mirror image). The factors' product, and so the layer's function, is the same; what differs
+    singular_values: where the chosen singular values go: ``split`` (default: ``sqrt(s)`` on each
+        factor), ``down`` (all of ``s`` on ``down``, ``up`` keeps the orthonormal singular vectors;
+        what the paper authors' reference code does) or ``up`` (the mirror image). The factors' product, and so the layer's function, is the same; what differs
         is how fast each chosen direction trains (with ``split`` its update scales with ``sqrt(s_i)``).
     residual_dtype: dtype of each adapted layer's frozen residual ``W_res``. ``None`` (default) keeps
         the base weight's dtype; ``"float32"`` stores it in float32 under a bfloat16/float16 model.

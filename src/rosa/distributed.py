@@ -4,8 +4,9 @@ ROSA needs no communication of its own: every rank draws the same subspace from
 ``(seed, layer name, resample count)``, and ``rosa.resample`` changes factor values in place, so DDP
 keeps its parameters and buckets. :func:`check_rank_agreement` verifies that the ranks really hold
 bitwise-identical ROSA layers; :func:`check_same_on_ranks` is the cheap check ``rosa.wrap`` and
-``rosa.resample`` run on every rank (same config, layers and resample counts). Sharded wrappers (FSDP, FSDP2 ``fully_shard``, DeepSpeed ZeRO-3)
-hold only a shard of each weight on a rank; :func:`check_wrappers` refuses them.
+``rosa.resample`` run on every rank (same config, layers and resample counts). Sharded wrappers
+(FSDP, FSDP2 ``fully_shard``, DeepSpeed ZeRO-3) hold only a shard of each weight on a rank;
+:func:`check_wrappers` refuses them.
 """
 
 from __future__ import annotations
