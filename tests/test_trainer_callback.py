@@ -191,6 +191,9 @@ def test_a_non_finite_factor_stops_the_trainer_with_the_error_and_leaves_the_mod
     after = model.state_dict()
     assert all(torch.equal(poison.state[k].nan_to_num(), v.nan_to_num()) for k, v in after.items())
     assert {layer.resample_count for layer in rosa.rosa_layers(model).values()} == {0}
+    with pytest.raises(rosa.NonFiniteError, match="saving the merged model refused"):
+        model.save_pretrained(tmp_path / "poisoned")
+    assert not (tmp_path / "poisoned" / "model.safetensors").exists()
 
 
 @pytest.mark.real_model

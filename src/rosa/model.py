@@ -304,10 +304,12 @@ def merged_state_dict(model: nn.Module, state: Optional[dict[str, torch.Tensor]]
 
     ``state`` (default ``model.state_dict()``) with each ROSA layer's entries replaced by its base
     layer's: ``weight`` the merged weight (new tensors: one copy of the adapted weights), ``bias``
-    as it is; the factors and resample counts dropped.
+    as it is; the factors and resample counts dropped. Raises :class:`rosa.NonFiniteError` if a
+    factor or residual holds NaN or Inf.
     """
     state = model.state_dict() if state is None else state
     layers = rosa_layers(model)
+    raise_if_non_finite(_named_state(layers), "saving the merged model", NON_FINITE_FIX)
     merged = {}
     for key, value in state.items():
         owner, _, leaf = key.rpartition(".")

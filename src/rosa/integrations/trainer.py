@@ -102,7 +102,11 @@ class RosaCallback(TrainerCallback):
                                if "rosa/resamples" in e and e["step"] <= state.global_step]
 
     def _resample(self, state: TrainerState, model: nn.Module, optimizer: Any) -> None:
-        layers = resample(model, optimizer)
+        try:
+            layers = resample(model, optimizer)
+        except Exception:  # training stops here: saves after it write the merged model again
+            set_exact_saves(model, False)
+            raise
         self.resample_steps.append(state.global_step)
         state.log_history.append(
             {"rosa/resamples": len(self.resample_steps), "rosa/trainable_params": parameter_report(model)["trainable"],
