@@ -15,6 +15,7 @@ import rosa
 from rosa import checkpoint
 from rosa.checkpoint import CheckpointError, checkpoint_metadata, load_checkpoint, save_checkpoint
 from rosa.errors import NonFiniteError
+from safetensors.torch import load_file
 
 STEPS = 7
 RESAMPLE_EVERY = 3
@@ -75,7 +76,7 @@ def conv_embed_loss(model: nn.Module, step: int) -> torch.Tensor:
 
 # kind -> (model factory, loss, target_modules)
 MODELS = {
-    "mlp": (mlp, mlp_loss, None),
+    "mlp": (mlp, mlp_loss, ["0", "2"]),
     "gpt2": (tiny_gpt2, gpt2_loss, None),
     "conv_embed": (ConvEmbed, conv_embed_loss, ["embed", "conv", "head"]),
 }
@@ -174,7 +175,7 @@ def test_metadata_describes_the_saved_model(tmp_path):
     run.save(tmp_path / "ckpt", RESAMPLE_EVERY)
     meta = checkpoint_metadata(tmp_path / "ckpt")
     assert meta["config"] == run.model.rosa_config
-    assert [(m["name"], m["rank"], m["resample_count"]) for m in meta["layers"]] == [("0", 2, 1), ("2", 2, 1)]
+    assert [(m["name"], m["rank"]) for m in meta["layers"]] == [("0", 2), ("2", 2)]
     assert meta["model_class"] == "torch.nn.modules.container.Sequential"
 
 
@@ -369,17 +370,20 @@ def test_checkpoint_of_an_older_format_is_refused_with_its_version(trained):
     assert_rejected(target, directory, "format_version 1; this rosa-peft reads version 2 .*older rosa-peft")
 
 
-def test_edited_resample_count_is_detected(trained):
+def test_edited_layer_metadata_is_detected(trained):
     directory, target = trained
-    path = directory / checkpoint.MANIFEST
-    text = path.read_text()
-    assert text.count('"resample_count": 1') == 2
-    path.write_text(text.replace('"resample_count": 1', '"resample_count": 2', 1))
+    rewrite_manifest(directory, lambda m: m["layers"][0].update(seed=6))  # digest left as it was
     assert_rejected(target, directory, "rosa.json.* is corrupted .its content differs from its digest")
-    rewrite_manifest(directory, lambda m: None, redigest=True)  # the count flipped, digest made to match
-    loaded = Run.build("mlp", init_seed=4)
-    loaded.load(directory)
-    assert [layer.resample_count for layer in rosa.rosa_layers(loaded.model).values()] == [2, 1]
+    rewrite_manifest(directory, lambda m: None, redigest=True)  # the seed changed, digest made to match
+    assert_rejected(target, directory, "seed is 6 in the checkpoint, 5 in the model")
+
+
+def test_resample_counts_travel_as_tensors(trained):
+    directory, _ = trained
+    manifest = json.loads((directory / checkpoint.MANIFEST).read_text())
+    assert "resample_count" not in json.dumps(manifest["layers"])
+    saved = load_file(directory / checkpoint.MODEL_FILE)
+    assert [int(saved[f"{name}.resamples"]) for name in ("0", "2")] == [1, 1]
 
 
 def test_missing_digest_is_detected(trained):
@@ -390,7 +394,7 @@ def test_missing_digest_is_detected(trained):
 
 def square_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return rosa.wrap(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)), rosa.RosaConfig(rank=2, seed=5))
+    return rosa.wrap(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)), rosa.RosaConfig(rank=2, seed=5, target_modules=["0", "2"]))
 
 
 @pytest.mark.parametrize("redigest", [False, True], ids=["manifest_digest", "tensor_digests"])
@@ -415,10 +419,12 @@ def test_swapped_index_entries_of_the_same_shape_are_detected(tmp_path, redigest
 def test_different_layers_and_parameter_names(tmp_path, trained):
     directory, _ = trained
     torch.manual_seed(0)
-    model = rosa.wrap(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3), nn.Linear(3, 3)), rosa.RosaConfig(rank=2))
+    model = rosa.wrap(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3), nn.Linear(3, 3)),
+                      rosa.RosaConfig(rank=2, target_modules=["0", "2", "3"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     before = state(model)
-    with pytest.raises(CheckpointError, match=r"(?s)ROSA layers only in the model: '3'.*tensors only in the model: '3.up', '3.down', '3.base.weight'"):
+    with pytest.raises(CheckpointError, match=r"(?s)ROSA layers only in the model: '3'.*"
+                                              r"tensors only in the model: '3.up', '3.down', '3.resamples', '3.base.weight'"):
         load_checkpoint(directory, model, optimizer)
     assert_same_state(state(model), before)
 

@@ -27,6 +27,7 @@ from rosa.config import matches
         ("exclude_modules", [1], "exclude_modules"),
         ("modules_to_save", {"a": 1}, "modules_to_save"),
         ("factor_dtype", "float64", "factor_dtype"),
+        ("residual_dtype", "bfloat16", "None (the base weight's dtype) or 'float32'"),
         ("singular_values", "sqrt", "split, down, up"),
     ],
 )
@@ -48,6 +49,8 @@ def test_valid_configs():
     again = rosa.RosaConfig.from_dict(cfg.to_dict())
     assert again.factor_torch_dtype is torch.bfloat16
     assert (again.rank, again.target_modules, again.selection) == (4, ["q"], "random")
+    residual = rosa.RosaConfig.from_dict(rosa.RosaConfig(residual_dtype=torch.float32).to_dict())
+    assert residual.residual_dtype == "float32" and residual.residual_torch_dtype is torch.float32
 
 
 def test_invalid_field_set_after_construction_is_caught_by_wrap_without_touching_model():

@@ -239,7 +239,7 @@ def test_sequence_classifier_with_an_unchanged_head(tmp_path):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     base = BertForSequenceClassification(config).eval()
-    tuned = rosa_tune(base, rosa.RosaConfig(rank=1), seed=5)  # delta rank <= 4: LoRA is smaller than [16, 16]
+    tuned = rosa_tune(base, rosa.RosaConfig(rank=1, modules_to_save=[]), seed=5)  # delta rank <= 4; the head stays frozen
     report = export_lora(base, tuned, tmp_path / "adapter")
     assert report["task_type"] == "SEQ_CLS"
     assert report["modules_to_save"] == {"classifier": "PEFT saves the SEQ_CLS head itself"}

@@ -2,6 +2,7 @@
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RosaConfig
+from .errors import NonFiniteError
 from .layers import RosaConv2d, RosaEmbedding, RosaLayer, RosaLinear
 from .model import merge, parameter_report, print_trainable_parameters, resample, rosa_layers, wrap
 from .schedule import ResampleSchedule, reset_optimizer_state, rewarmup_factor
@@ -9,6 +10,7 @@ from .schedule import ResampleSchedule, reset_optimizer_state, rewarmup_factor
 __version__ = "0.1.0"
 
 __all__ = [
+    "NonFiniteError",
     "RosaConfig",
     "RosaConv2d",
     "RosaEmbedding",

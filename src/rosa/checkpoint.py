@@ -168,12 +168,7 @@ def load_checkpoint(
     if problems:
         raise CheckpointError(_problem_message(directory, problems))
 
-    model.load_state_dict(model_state)
-    layers = rosa_layers(model)
-    for info in manifest["layers"]:
-        layer = layers[info["name"]]
-        if not isinstance(layer.resample_count, torch.Tensor):  # a tensor count came with the state dict
-            layer.resample_count = info["resample_count"]
+    model.load_state_dict(model_state)  # the resample counts are buffers: they come with the state dict
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (schedule, "schedule")):
         if obj is not None:
             obj.load_state_dict(training[key]["state"])
@@ -214,7 +209,10 @@ def is_checkpoint(directory: PathLike) -> bool:
 
 # -- what gets stored ----------------------------------------------------------------------------
 def layer_metadata(model: nn.Module) -> list[dict]:
-    """Name, type, rank, selection, seed, singular-value placement and resample count of every ROSA layer of ``model``."""
+    """Name, type, rank, selection, seed and singular-value placement of every ROSA layer of ``model``.
+
+    The resample counts are not here: they are buffers of the layers, stored with the other tensors.
+    """
     return [
         {
             "name": name,
@@ -224,7 +222,6 @@ def layer_metadata(model: nn.Module) -> list[dict]:
             "selection": layer.selection,
             "seed": layer.seed,
             "singular_values": layer.singular_values,
-            "resample_count": int(layer.resample_count),
         }
         for name, layer in rosa_layers(model).items()
     ]

@@ -3,8 +3,10 @@
 ROSA needs no communication of its own: every rank draws the same subspace from
 ``(seed, layer name, resample count)``, and ``rosa.resample`` changes factor values in place, so DDP
 keeps its parameters and buckets. :func:`check_rank_agreement` verifies that the ranks really hold
-bitwise-identical ROSA layers. Sharded wrappers (FSDP, FSDP2 ``fully_shard``, DeepSpeed ZeRO-3)
-hold only a shard of each weight on a rank; :func:`check_wrappers` refuses them.
+bitwise-identical ROSA layers; :func:`check_same_on_ranks` is the cheap check ``rosa.wrap`` and
+``rosa.resample`` run on every rank (same config, layers and resample counts). Sharded wrappers
+(FSDP, FSDP2 ``fully_shard``, DeepSpeed ZeRO-3) hold only a shard of each weight on a rank;
+:func:`check_wrappers` refuses them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes()
 
 
+def _digest_words(digest: "hashlib._Hash") -> list[int]:
+    """A SHA-256 digest as ``_DIGEST_WORDS`` signed int64 words."""
+    raw = digest.digest()
+    return [int.from_bytes(raw[i : i + 8], "little", signed=True) for i in range(0, 8 * _DIGEST_WORDS, 8)]
+
+
 def layer_digest(name: str, layer: nn.Module) -> list[int]:
     """SHA-256 of a ROSA layer's name, residual weight, bias and factors (four int64 words), plus its resample count."""
     digest = hashlib.sha256(name.encode())
@@ -41,8 +49,7 @@ def layer_digest(name: str, layer: nn.Module) -> list[int]:
         if tensor is not None:
             digest.update(f"{tensor.dtype}{list(tensor.shape)}".encode())
             digest.update(_tensor_bytes(tensor))
-    words = [int.from_bytes(digest.digest()[i : i + 8], "little", signed=True) for i in range(0, 32, 8)]
-    return words + [layer.resample_count]
+    return _digest_words(digest) + [layer.resample_count]
 
 
 def _gather(local: torch.Tensor, group: Any) -> list[torch.Tensor]:
@@ -55,6 +62,25 @@ def _collective_device(group: Any) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def check_same_on_ranks(fingerprint: str, operation: str, what: str, group: Optional[Any] = None) -> None:
+    """Raise ``RuntimeError`` on every rank unless all ranks of ``group`` pass the same ``fingerprint``.
+
+    One all-gather of a 32-byte digest. Collective: every rank of ``group`` must call it. Outside an
+    initialized process group it checks nothing. ``what`` names what the fingerprint describes.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    words = _digest_words(hashlib.sha256(fingerprint.encode()))
+    gathered = _gather(torch.tensor(words, dtype=torch.int64, device=_collective_device(group)), group)
+    differing = [rank for rank, g in enumerate(gathered) if not torch.equal(g.cpu(), gathered[0].cpu())]
+    if differing:
+        raise RuntimeError(
+            f"{operation}: rank(s) {differing} differ from rank 0 in their {what}. Every rank must build the "
+            "same model with the same RosaConfig (seed included), wrap it before DistributedDataParallel and "
+            "call rosa.resample on every rank at the same step."
+        )
 
 
 def check_rank_agreement(model: nn.Module, group: Optional[Any] = None) -> int:

@@ -5,6 +5,8 @@ No linear algebra lives here: the layers own the math.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from typing import Any, Iterable, Optional
 
@@ -13,13 +15,21 @@ from torch import nn
 
 from . import presets, subspace
 from .config import Patterns, RosaConfig, matches
-from .distributed import check_wrappers
-from .layers import SUPPORTED_TYPES, RosaLayer, check_adaptable, check_weight, is_supported, layer_class_for
-from .schedule import reset_optimizer_state
+from .distributed import check_same_on_ranks, check_wrappers
+from .errors import raise_if_non_finite
+from .layers import (SUPPORTED_TYPES, RosaLayer, RosaLinear, check_adaptable, check_weight, is_supported,
+                     layer_class_for)
+from .schedule import check_optimizer, reset_optimizer_state
+
+logger = logging.getLogger("rosa")
 
 CONFIG_ATTR = "rosa_config"
+SAVE_ATTR = "save_pretrained"  # a Hugging Face model's method that wrap overrides on the instance
+EXACT_SAVE_ATTR = "rosa_exact_save"  # set while save_pretrained must write the exact ROSA state
 # Most float32 weight bytes stacked into one batched SVD: bounds the extra memory of wrap and resample.
 GROUP_BYTES = 2**28
+NON_FINITE_FIX = ("A training step diverged (e.g. too high a learning rate, or fp16 overflow): restore the last "
+                  "good checkpoint and lower the learning rate or clip gradients.")
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -31,59 +41,104 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def _no_match_error(field: str, patterns: Patterns, names: list[str]) -> ValueError:
     sample = ", ".join(repr(n) for n in names[:8]) or "(none)"
     more = f" ... ({len(names)} in all)" if len(names) > 8 else ""
-    return ValueError(
-        f"RosaConfig.{field}={patterns!r} matches no module of this model. "
-        f"Some module names that exist: {sample}{more}"
-    )
+    if isinstance(patterns, str):
+        what = (f"RosaConfig.{field}={patterns!r} matches no module of this model: a string is one regex matched "
+                "against full module names (e.g. r'.*\\.query'); for name suffixes pass a list such as ['query']")
+    else:
+        missing = [p for p in patterns if not any(matches(n, [p]) for n in names)]
+        what = (f"RosaConfig.{field} entry {', '.join(map(repr, missing))} matches no module of this model "
+                "(each entry is an exact module name or a name suffix, and every entry must match)")
+    return ValueError(f"{what}. Some module names that exist: {sample}{more}")
+
+
+def _check_matches(field: str, patterns: Patterns, named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The modules ``patterns`` matches; raises naming the regex, or each list entry, that matches nothing."""
+    names = [n for n, _ in named]
+    matched = [(n, m) for n, m in named if matches(n, patterns)]
+    lists_miss = isinstance(patterns, (list, tuple)) and any(not any(matches(n, [p]) for n in names) for p in patterns)
+    if not matched or lists_miss:
+        raise _no_match_error(field, patterns, names)
+    return matched
 
 
 def find_targets(model: nn.Module, config: RosaConfig) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs that ``config`` adapts, in model order.
 
-    Raises ``ValueError`` when an explicit pattern matches nothing, or names an unsupported layer.
+    ``target_modules=None`` takes the architecture preset, else :func:`rosa.presets.fallback_targets`
+    (linear layers only, never the output layer). Layers inside the modules trained fully by
+    default (:func:`rosa.presets.default_modules_to_save`) are never adapted. Raises ``ValueError``
+    when an explicit pattern (or one entry of a list) matches nothing, or names only unsupported layers.
     """
     named = [(n, m) for n, m in model.named_modules() if n]
-    supported = [(n, m) for n, m in named if is_supported(m)]
     patterns = config.target_modules
     preset = presets.preset_targets(model) if patterns is None else None
     if patterns is None and preset is None:
-        # Embeddings are adapted only when named: they are often tied to the output head.
-        targets = [
-            (n, m) for n, m in supported if not presets.is_head(model, n, m) and not isinstance(m, nn.Embedding)
-        ]
+        linear = [(n, m) for n, m in named if layer_class_for(m) is RosaLinear]
+        targets = presets.fallback_targets(model, linear)
         presets.log_fallback(model, len(targets))
+        if not targets:
+            raise ValueError(
+                "RosaConfig.target_modules=None found no layer to adapt: without a preset for this architecture it "
+                "adapts every linear layer (nn.Linear, transformers Conv1D) except the output layer, and this model "
+                "has no other. Name the layers to adapt in target_modules"
+            )
     else:
         wanted = patterns if patterns is not None else preset
-        matched = [(n, m) for n, m in named if matches(n, wanted)]
-        if not matched:
-            raise _no_match_error("target_modules", wanted, [n for n, _ in supported] or [n for n, _ in named])
+        matched = (_check_matches("target_modules", patterns, named) if patterns is not None
+                   else [(n, m) for n, m in named if matches(n, preset)])
         targets = [(n, m) for n, m in matched if is_supported(m)]
         if not targets:
-            name, module = matched[0]
+            name, module = matched[0] if matched else ("(none)", None)
             raise ValueError(
                 f"RosaConfig.target_modules={wanted!r} matches only layers ROSA cannot adapt, e.g. {name!r} "
                 f"({type(module).__name__}); supported: {SUPPORTED_TYPES}"
             )
-    targets = [(n, m) for n, m in targets if not matches(n, config.exclude_modules)]
-    if not targets:
-        raise ValueError("RosaConfig.exclude_modules excludes every target layer; nothing would be trained")
-    return targets
+    heads = presets.default_modules_to_save(model) if config.modules_to_save is None else []
+    targets = [(n, m) for n, m in targets if not any(n == h or n.startswith(h + ".") for h in heads)]
+    kept = [(n, m) for n, m in targets if not matches(n, config.exclude_modules)]
+    if not kept:
+        raise ValueError(
+            f"RosaConfig.exclude_modules={config.exclude_modules!r} excludes every target layer "
+            f"({', '.join(n for n, _ in targets)}); nothing would be trained"
+        )
+    return kept
 
 
 def _find_saved(model: nn.Module, config: RosaConfig) -> list[nn.Module]:
+    """The modules trained fully: ``modules_to_save``, or by default a classification model's head."""
     if config.modules_to_save is None:
+        heads = presets.default_modules_to_save(model)
+        if heads:
+            logger.warning(
+                "rosa: %s is a classification model, so its new head is trained fully: %s "
+                "(RosaConfig.modules_to_save=None; pass a list to choose, [] for none)",
+                type(model).__name__, ", ".join(heads),
+            )
+        return [model.get_submodule(name) for name in heads]
+    if not config.modules_to_save:
         return []
     named = [(n, m) for n, m in model.named_modules() if n]
-    saved = [m for n, m in named if matches(n, config.modules_to_save)]
-    if not saved:
-        raise _no_match_error("modules_to_save", config.modules_to_save, [n for n, _ in named])
-    return saved
+    return [m for _, m in _check_matches("modules_to_save", config.modules_to_save, named)]
 
 
-def wrap(model: nn.Module, config: RosaConfig) -> nn.Module:
+def _wrap_fingerprint(config: RosaConfig, names: list[str]) -> str:
+    return json.dumps({"config": config.to_dict(), "targets": names}, sort_keys=True, default=str)
+
+
+def _resample_fingerprint(layers: dict[str, RosaLayer]) -> str:
+    settings = [(layer.name, layer.rank, layer.selection, layer.seed, layer.svd, layer.singular_values,
+                 str(layer.up.dtype), str(layer.residual_dtype), layer.resample_count) for layer in layers.values()]
+    return json.dumps(settings)
+
+
+def wrap(model: nn.Module, config: RosaConfig, *, check_ranks: bool = True) -> nn.Module:
     """Freeze ``model`` and replace its target layers with ROSA layers, in place; returns ``model``.
 
-    Everything is validated first (config, targets, weights), so an error leaves the model untouched.
+    Everything is validated and every layer factorized first (config, targets, weights, SVDs), so an
+    error leaves the model untouched. When ``torch.distributed`` is initialized and ``check_ranks``
+    is true, every rank must call ``wrap`` with the same config and targeted layers (one all-gather
+    of a hash; a ``RuntimeError`` names the ranks that differ); pass ``check_ranks=False`` to wrap
+    on some ranks only.
     """
     if not isinstance(config, RosaConfig):
         raise TypeError(f"config must be a rosa.RosaConfig, got {type(config).__name__}")
@@ -96,11 +151,12 @@ def wrap(model: nn.Module, config: RosaConfig) -> nn.Module:
     for name, module in targets:
         check_weight(module.weight, name)
         check_adaptable(model, name)
+    if check_ranks:
+        check_same_on_ranks(_wrap_fingerprint(config, [n for n, _ in targets]), "rosa.wrap",
+                            "RosaConfig or set of target layers")
 
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for name, module in targets:
-        layer = layer_class_for(module)(
+    layers = {
+        name: layer_class_for(module)(
             module,
             config.rank,
             name=name,
@@ -108,17 +164,25 @@ def wrap(model: nn.Module, config: RosaConfig) -> nn.Module:
             seed=config.seed,
             dropout=config.dropout,
             factor_dtype=config.factor_torch_dtype,
+            residual_dtype=config.residual_torch_dtype,
             svd=config.svd,
             singular_values=config.singular_values,
             defer_factorize=True,
         )
-        if config.train_bias and module.bias is not None:
-            module.bias.requires_grad_(True)
+        for name, module in targets
+    }
+    factorize_layers(layers.values())
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, layer in layers.items():
+        if config.train_bias and layer.base.bias is not None:
+            layer.base.bias.requires_grad_(True)
         _set_submodule(model, name, layer)
-    factorize_layers(rosa_layers(model).values())
     for module in saved:
         module.requires_grad_(True)
     setattr(model, CONFIG_ATTR, config)
+    if callable(getattr(type(model), SAVE_ATTR, None)):
+        setattr(model, SAVE_ATTR, MergedSavePretrained(model))
     return model
 
 
@@ -132,9 +196,17 @@ def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in rosa_layers(model).values() for p in (layer.up, layer.down)]
 
 
-def resample(model: nn.Module, optimizer: Optional[Any] = None) -> int:
-    """Merge every ROSA layer, draw a new subspace, and clear the factors' optimizer state.
+def resample(model: nn.Module, optimizer: Optional[Any] = None, *, check_ranks: bool = True) -> int:
+    """Fold every ROSA layer's factors into its weight, draw a new subspace, and clear the factors' optimizer state.
 
+    All or nothing: every check runs and every layer's new factors are computed before any layer
+    changes, so an error (a :class:`rosa.NonFiniteError` naming the layers whose factors or residual
+    hold NaN/Inf, a failed SVD, a bad optimizer) leaves every weight, factor, resample count and the
+    optimizer state as they were. Extra memory: one batched SVD chunk (see :func:`factorize_layers`)
+    plus one copy of all the factors. ``optimizer`` must hold the factors (build it after ``wrap``).
+    When ``torch.distributed`` is initialized and ``check_ranks`` is true, the ranks first compare
+    their layers' settings and resample counts (one all-gather of a hash; a ``RuntimeError`` names
+    the ranks that differ); ``check_ranks=False`` skips that.
     Parameter objects keep their identity, so optimizers, schedulers and DDP keep working.
     Returns the number of layers resampled.
     """
@@ -142,22 +214,35 @@ def resample(model: nn.Module, optimizer: Optional[Any] = None) -> int:
     layers = rosa_layers(model)
     if not layers:
         raise ValueError("model has no ROSA layers; call rosa.wrap(model, config) first")
-    for layer in layers.values():
-        layer.resample(defer_factorize=True)
-    factorize_layers(layers.values())
+    if optimizer is not None:
+        check_optimizer(optimizer, factor_parameters(model))
+    if check_ranks:
+        check_same_on_ranks(_resample_fingerprint(layers), "rosa.resample", "ROSA layer settings or resample counts")
+    raise_if_non_finite(_named_state(layers), "rosa.resample", NON_FINITE_FIX)
+    factorize_layers(layers.values(), fold=True)
     if optimizer is not None:
         reset_optimizer_state(optimizer, factor_parameters(model))
     return len(layers)
 
 
-def factorize_layers(layers: Iterable[RosaLayer]) -> None:
-    """Factorize ``layers`` with one batched SVD per group of equal weight shape, device and settings.
+def _named_state(layers: dict[str, RosaLayer]) -> Iterable[tuple[str, torch.Tensor]]:
+    return (item for name, layer in layers.items() for item in layer.named_state(name))
 
-    Same result as ``layer.factorize()`` on each. Groups run one after another, and a group with more
-    than ``GROUP_BYTES`` of float32 weights is cut into chunks, so extra memory stays near one chunk's SVD.
+
+def factorize_layers(layers: Iterable[RosaLayer], fold: bool = False) -> None:
+    """Factorize ``layers`` (``fold``: resample them) all or nothing, batching equal shapes and settings.
+
+    Same result as ``layer.factorize()`` (``layer.resample()``) on each. First every layer's new
+    factors are drawn, one batched SVD per group of equal weight shape, device and settings, a group
+    with more than ``GROUP_BYTES`` of float32 weights cut into chunks; the factors and the new
+    residuals are checked for NaN/Inf. Only then does any layer change: each installs its factors and
+    recomputes its residual in float32. Extra memory: one chunk's SVD (about 4x its float32 weights)
+    and one copy of every layer's new factors; then one layer's float32 weight at a time.
     """
-    for chunk in _factorize_chunks(layers):
-        _factorize_chunk(chunk)
+    drawn = [(layer, up, down) for chunk in _factorize_chunks(layers)
+             for layer, (up, down) in zip(chunk, _draw_chunk(chunk, fold))]
+    for layer, up, down in drawn:
+        layer.install(up, down, fold)
 
 
 def _factorize_chunks(layers: Iterable[RosaLayer]) -> list[list[RosaLayer]]:
@@ -174,24 +259,95 @@ def _factorize_chunks(layers: Iterable[RosaLayer]) -> list[list[RosaLayer]]:
 
 
 @torch.no_grad()
-def _factorize_chunk(layers: list[RosaLayer]) -> None:
+def _draw_chunk(layers: list[RosaLayer], fold: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """New ``(up, down)`` per layer of a chunk, in the factors' dtype; raises if anything is non-finite."""
     first = layers[0]
-    weights = [layer.dense_weight() for layer in layers]
-    generators = [layer.subspace_generator() for layer in layers]
-    ups, downs, residuals = subspace.factorize_group(weights, first.rank, first.selection, generators, first.svd,
+    weight = first.dense_weight()
+    stack = torch.empty(len(layers), *weight.shape, dtype=torch.float32, device=weight.device)  # [G, out, in]
+    for row, layer in zip(stack, layers):
+        layer.write_source(row, fold)
+    operation = "rosa.resample" if fold else "rosa.wrap"
+    raise_if_non_finite(((f"{layer.name} folded weight", row) for layer, row in zip(layers, stack)),
+                        operation, "The folded weight overflows float32.")
+    generators = [layer.subspace_generator(layer.resample_count + int(fold)) for layer in layers]
+    ups, downs, residuals = subspace.factorize_group(stack, first.rank, first.selection, generators, first.svd,
                                                      first.singular_values)
-    for layer, up, down, residual in zip(layers, ups, downs, residuals):
-        layer.load_factors(up, down, residual)
+    factors = [(up.to(layer.up.dtype), down.to(layer.down.dtype)) for layer, up, down in zip(layers, ups, downs)]
+    new_state = ((f"{layer.name}.{part}", tensor) for layer, (up, down), residual in zip(layers, factors, residuals)
+                 for part, tensor in (("up", up), ("down", down), ("residual", residual.to(layer.residual_dtype))))
+    raise_if_non_finite(new_state, operation,
+                        "The new factors or residual overflow their dtype: use factor_dtype='float32' or "
+                        "residual_dtype='float32'.")
+    return factors
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every ROSA layer into a plain layer of its original type, in place; returns ``model``."""
+    """Fold every ROSA layer into a plain layer of its original type and dtype, in place; returns ``model``.
+
+    Raises :class:`rosa.NonFiniteError`, changing nothing, if a factor or residual holds NaN or Inf.
+    """
     check_wrappers(model, "merge")
-    for name, layer in rosa_layers(model).items():
+    layers = rosa_layers(model)
+    raise_if_non_finite(_named_state(layers), "rosa.merge", NON_FINITE_FIX)
+    for name, layer in layers.items():
         _set_submodule(model, name, layer.merge())
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    for attr in (CONFIG_ATTR, EXACT_SAVE_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if isinstance(vars(model).get(SAVE_ATTR), MergedSavePretrained):
+        delattr(model, SAVE_ATTR)
     return model
+
+
+def merged_state_dict(model: nn.Module, state: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """The state dict ``rosa.merge(model)`` would have, computed without changing ``model``.
+
+    ``state`` (default ``model.state_dict()``) with each ROSA layer's entries replaced by its base
+    layer's: ``weight`` the merged weight (new tensors: one copy of the adapted weights), ``bias``
+    as it is; the factors and resample counts dropped. Raises :class:`rosa.NonFiniteError` if a
+    factor or residual holds NaN or Inf.
+    """
+    state = model.state_dict() if state is None else state
+    layers = rosa_layers(model)
+    raise_if_non_finite(_named_state(layers), "saving the merged model", NON_FINITE_FIX)
+    merged = {}
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        layer_name, _, base = owner.rpartition(".")
+        if owner in layers:  # up, down, resamples
+            continue
+        if base == "base" and layer_name in layers:
+            layer = layers[layer_name]
+            merged[f"{layer_name}.{leaf}"] = layer.merged_base_weight().contiguous() if leaf == "weight" else value
+        else:
+            merged[key] = value
+    return merged
+
+
+def set_exact_saves(model: nn.Module, exact: bool) -> None:
+    """Whether ``model.save_pretrained`` writes the exact ROSA state (Trainer checkpoints) or the merged model."""
+    setattr(model, EXACT_SAVE_ATTR, exact)
+
+
+class MergedSavePretrained:
+    """``save_pretrained`` of a wrapped Hugging Face model: writes the merged plain model.
+
+    The saved folder loads with plain transformers (``from_pretrained``, no rosa needed) and computes
+    what the wrapped model computes; the wrapped model is not changed, so training goes on. While
+    :func:`set_exact_saves` is on (``RosaCallback`` turns it on for the length of ``Trainer.train``),
+    it writes the exact ROSA state instead, so Trainer checkpoints resume exactly.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        save = getattr(type(model), SAVE_ATTR)
+        if getattr(model, EXACT_SAVE_ATTR, False):
+            return save(model, save_directory, *args, **kwargs)
+        state = merged_state_dict(model, kwargs.pop("state_dict", None))
+        return save(model, save_directory, *args, state_dict=state, **kwargs)
 
 
 def parameter_report(model: nn.Module) -> dict[str, float]:

@@ -190,7 +190,7 @@ def split_factors(
 
 
 def factorize_group(
-    weights: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor] | torch.Tensor,
     rank: int,
     selection: str,
     generators: Sequence[torch.Generator],
@@ -199,18 +199,22 @@ def factorize_group(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Factorize G same-shape weights ``[out, in]`` at once: ``up [G, out, R]``, ``down [G, R, in]``, ``residual [G, out, in]``.
 
-    float32, on the weights' device. Weight ``g`` draws its index set from ``generators[g]`` exactly
-    as :func:`factorize` does, so the result equals factorizing each weight alone; ``singular_values``
-    places ``s`` on the factors as in :func:`split_factors`. Besides the
+    float32, on the weights' device. ``weights`` is a list of weights, or a float32 stack
+    ``[G, out, in]`` that becomes the residual (overwritten). Weight ``g`` draws its index set from
+    ``generators[g]`` exactly as :func:`factorize` does, so the result equals factorizing each weight
+    alone; ``singular_values`` places ``s`` on the factors as in :func:`split_factors`. Besides the
     outputs, the only large temporaries are the SVD's ``U`` and ``Vh``; the residual reuses the
     float32 stack of the weights.
     """
-    first = weights[0]
-    stack = torch.empty(len(weights), *first.shape, dtype=torch.float32, device=first.device)  # [G, out, in]
-    for row, weight in zip(stack, weights):
-        row.copy_(weight)
-    indices = torch.stack([select_indices(min(first.shape), rank, selection, g) for g in generators])  # [G, R]
-    if runs_randomized(method, selection, rank, first.shape):
+    if isinstance(weights, torch.Tensor):
+        stack = weights
+    else:
+        stack = torch.empty(len(weights), *weights[0].shape, dtype=torch.float32, device=weights[0].device)
+        for row, weight in zip(stack, weights):
+            row.copy_(weight)
+    shape = stack.shape[-2:]  # [out, in]
+    indices = torch.stack([select_indices(min(shape), rank, selection, g) for g in generators])  # [G, R]
+    if runs_randomized(method, selection, rank, shape):
         u, s, vh = randomized_svd(stack, rank, generators)  # the leading R triplets, approximately
     else:
         u, s, vh = svd(stack)

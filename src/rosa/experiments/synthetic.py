@@ -107,7 +107,7 @@ def build(method: str, problem: Problem, s: SyntheticSettings):
         model = get_peft_model(model, LoraConfig(r=s.rank, lora_alpha=s.rank, target_modules=["0"]))
     elif method.startswith("rosa"):
         selection = method.partition("-")[2] or "random"
-        rosa.wrap(model, rosa.RosaConfig(rank=s.rank, selection=selection, seed=s.seed))
+        rosa.wrap(model, rosa.RosaConfig(rank=s.rank, target_modules=["0"], selection=selection, seed=s.seed))
         schedule = rosa.ResampleSchedule(every_epochs=s.resample_every)
         on_epoch_end = schedule.epoch_end
     elif method != "full":
