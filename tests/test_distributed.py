@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import rosa
-from rosa.distributed import check_rank_agreement, check_wrappers, layer_digest
+from rosa.distributed import check_rank_agreement, layer_digest
+from rosa.wrappers import check_wrappers
 
 WORLD = 2
 BATCH = 8  # global batch: BATCH // WORLD rows per rank

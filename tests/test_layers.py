@@ -7,6 +7,7 @@ from transformers.pytorch_utils import Conv1D
 
 import rosa
 from helpers import rel_err
+from rosa.config import LayerSpec
 from rosa.layers import RosaLinear
 
 
@@ -181,3 +182,17 @@ def test_float32_factors_over_bf16_base_train_and_merge():
 
 def test_public_layer_export():
     assert rosa.RosaLinear is RosaLinear
+
+
+def test_a_layer_built_from_a_spec_equals_one_built_from_keywords():
+    spec = LayerSpec(rank=3, selection="block", seed=5, singular_values="up", factor_dtype=torch.float64)
+    from_spec = RosaLinear(make_base("linear", 12, 10, True), spec, name="l")
+    from_keywords = RosaLinear(make_base("linear", 12, 10, True), 3, name="l", selection="block", seed=5,
+                               singular_values="up", factor_dtype=torch.float64)
+    assert from_keywords.spec == spec
+    for mine, theirs in zip(from_spec.state_dict().values(), from_keywords.state_dict().values()):
+        assert torch.equal(mine, theirs)
+    assert from_spec.up.dtype == torch.float64
+    assert "selection=block" in repr(from_spec) and "seed=5" in repr(from_spec)
+    with pytest.raises(TypeError, match="seed"):
+        RosaLinear(make_base("linear", 12, 10, True), spec, name="l", seed=1)

@@ -20,7 +20,7 @@ from transformers import (  # noqa: E402
 import rosa  # noqa: E402
 from rosa.integrations import RosaCallback  # noqa: E402
 from rosa.model import factor_parameters  # noqa: E402
-from rosa.schedule import base_optimizer  # noqa: E402
+from rosa.optimizer_state import base_optimizer  # noqa: E402
 
 BATCH = 4
 

@@ -79,6 +79,8 @@ MODEL_FILE = "model.safetensors"
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
 DATA_FILES = (MODEL_FILE, STATE_JSON, STATE_TENSORS)
+# The fields of each layer's LayerSpec stored in the manifest, and checked against the model on load.
+STORED_SETTINGS = ("selection", "seed", "singular_values")
 TEMP_MARKER, ASIDE_MARKER, LOCK_MARKER = ".rosa-tmp-", ".rosa-aside", ".rosa-lock"
 _TEMP_TOKEN = re.compile(r"[0-9a-f]{16}")  # secrets.token_hex(8)
 
@@ -219,9 +221,7 @@ def layer_metadata(model: nn.Module) -> list[dict]:
             "type": type(layer).__name__,
             "base_type": type(layer.base).__name__,
             "rank": layer.rank,
-            "selection": layer.selection,
-            "seed": layer.seed,
-            "singular_values": layer.singular_values,
+            **{setting: getattr(layer.spec, setting) for setting in STORED_SETTINGS},
         }
         for name, layer in rosa_layers(model).items()
     ]
@@ -382,7 +382,7 @@ def _model_problems(manifest: dict, saved: dict, model: nn.Module) -> list[str]:
     current_layers = {info["name"]: info for info in layer_metadata(model)}
     problems = _key_problems("ROSA layers", list(saved_layers), list(current_layers))
     for name in saved_layers.keys() & current_layers.keys():
-        for field in ("type", "base_type", "rank", "selection", "seed", "singular_values"):
+        for field in ("type", "base_type", "rank", *STORED_SETTINGS):
             theirs, mine = saved_layers[name][field], current_layers[name][field]
             if theirs != mine:
                 problems.append(f"ROSA layer {name!r}: {field} is {theirs!r} in the checkpoint, {mine!r} in the model")

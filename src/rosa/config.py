@@ -5,13 +5,12 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .subspace import SINGULAR_VALUE_PLACEMENTS, SVD_METHODS
+from .subspace import SELECTIONS, SINGULAR_VALUE_PLACEMENTS, SVD_METHODS
 
-SELECTIONS = ("random", "block", "top", "bottom")
 FACTOR_DTYPES = {
     None: None,
     "float32": torch.float32,
@@ -29,6 +28,35 @@ Patterns = Union[None, str, Sequence[str]]
 
 def _invalid(name: str, value: object, allowed: str) -> ValueError:
     return ValueError(f"RosaConfig.{name}={value!r} is invalid: {allowed}.")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON takes it: a dtype by its name, a tuple as a list."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one layer is adapted: the per-layer settings of :class:`RosaConfig` (see there), dtypes resolved.
+
+    ``rank`` is as given (an int, or a float fraction each layer resolves against its own shape);
+    a ``None`` dtype follows the base weight. :meth:`RosaConfig.layer_spec` builds it.
+    """
+
+    rank: Union[int, float]
+    selection: str = "random"
+    seed: int = 0
+    dropout: float = 0.0
+    factor_dtype: Optional[torch.dtype] = None
+    residual_dtype: Optional[torch.dtype] = None
+    svd: str = "full"
+    singular_values: str = "split"
+
+    def to_dict(self) -> dict:
+        """A JSON-serializable copy of the fields (dtypes by name)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
 
 @dataclass
@@ -81,15 +109,15 @@ class RosaConfig:
     rank: Union[int, float] = 8
     target_modules: Patterns = None
     exclude_modules: Patterns = None
-    selection: str = "random"
-    dropout: float = 0.0
-    seed: int = 0
+    selection: str = LayerSpec.selection
+    dropout: float = LayerSpec.dropout
+    seed: int = LayerSpec.seed
     train_bias: bool = False
     modules_to_save: Patterns = None
-    factor_dtype: Union[None, str, torch.dtype] = None
-    svd: str = "full"
-    singular_values: str = "split"
-    residual_dtype: Union[None, str, torch.dtype] = None
+    factor_dtype: Union[None, str, torch.dtype] = LayerSpec.factor_dtype
+    svd: str = LayerSpec.svd
+    singular_values: str = LayerSpec.singular_values
+    residual_dtype: Union[None, str, torch.dtype] = LayerSpec.residual_dtype
 
     def __post_init__(self) -> None:
         self.validate()
@@ -130,7 +158,6 @@ class RosaConfig:
         if self.svd not in SVD_METHODS:
             raise _invalid("svd", self.svd, f"choose one of {', '.join(SVD_METHODS)}")
 
-
     @property
     def factor_torch_dtype(self) -> Optional[torch.dtype]:
         """The factors' dtype as a ``torch.dtype`` (``None`` = follow the base weight)."""
@@ -141,17 +168,15 @@ class RosaConfig:
         """The residual's dtype as a ``torch.dtype`` (``None`` = follow the base weight)."""
         return RESIDUAL_DTYPES[self.residual_dtype]
 
+    def layer_spec(self) -> LayerSpec:
+        """The settings every adapted layer gets, dtypes resolved."""
+        settings = {f.name: getattr(self, f.name) for f in fields(LayerSpec)}
+        return LayerSpec(**{**settings, "factor_dtype": self.factor_torch_dtype,
+                            "residual_dtype": self.residual_torch_dtype})
+
     def to_dict(self) -> dict:
         """A JSON-serializable copy of the fields."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.dtype):
-                value = str(value).removeprefix("torch.")
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[f.name] = value
-        return out
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RosaConfig":

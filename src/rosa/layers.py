@@ -7,13 +7,15 @@ says how its weight reads as an ``[out, in]`` matrix and how the low-rank path r
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from dataclasses import fields
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import subspace
+from .config import LayerSpec
 from .errors import raise_if_non_finite
 
 
@@ -56,6 +58,10 @@ def resolve_rank(rank: int | float, out_features: int, in_features: int, name: s
     return rank
 
 
+def _spec_field(field: str) -> property:
+    return property(lambda layer: getattr(layer.spec, field), doc=f"``spec.{field}``, read-only.")
+
+
 class RosaLayer(nn.Module):
     """Shared state and lifecycle of a ROSA-adapted layer.
 
@@ -63,44 +69,39 @@ class RosaLayer(nn.Module):
     back), ``residual_forward`` and ``forward``.
     """
 
-    def __init__(
-        self,
-        base: nn.Module,
-        rank: int | float,
-        *,
-        name: str = "",
-        selection: str = "random",
-        seed: int = 0,
-        dropout: float = 0.0,
-        factor_dtype: Optional[torch.dtype] = None,
-        residual_dtype: Optional[torch.dtype] = None,
-        svd: str = "full",
-        singular_values: str = "split",
-        defer_factorize: bool = False,
-    ) -> None:
+    def __init__(self, base: nn.Module, spec: LayerSpec | int | float, *, name: str = "",
+                 defer_factorize: bool = False, **settings: Any) -> None:
+        """Adapt ``base`` as ``spec`` says: a :class:`LayerSpec`, or a rank with the other
+        :class:`LayerSpec` fields as keywords (``selection``, ``seed``, ``dropout``, ...)."""
         super().__init__()
+        if not isinstance(spec, LayerSpec):
+            spec = LayerSpec(spec, **settings)
+        elif settings:
+            raise TypeError(f"pass the settings in the LayerSpec, not also as keywords: {', '.join(settings)}")
         check_weight(base.weight, name)
         self.check_variant(base, name)
         self.base = base
         out_features, in_features = self.dense_weight().shape
         self.name = name
-        self.rank = resolve_rank(rank, out_features, in_features, name)
-        self.selection = selection
-        self.seed = seed
-        self.svd = svd
-        self.singular_values = singular_values
+        self.spec = spec
+        self.rank = resolve_rank(spec.rank, out_features, in_features, name)
         # the resample count fixes the next subspace draw, so it travels with state_dict()
         self.register_buffer("resamples", torch.zeros((), dtype=torch.int64, device=base.weight.device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         weight = base.weight
         self.weight_dtype = weight.dtype  # what the plain layer computes in, and what merge returns
-        self.residual_dtype = residual_dtype or weight.dtype
-        dtype = factor_dtype or weight.dtype
+        self.residual_dtype = spec.residual_dtype or weight.dtype
+        dtype = spec.factor_dtype or weight.dtype
         self.up = nn.Parameter(torch.zeros(out_features, self.rank, dtype=dtype, device=weight.device))
         self.down = nn.Parameter(torch.zeros(self.rank, in_features, dtype=dtype, device=weight.device))
         self.register_load_state_dict_pre_hook(_refuse_plain_layer_state)
         if not defer_factorize:  # deferred: zero factors and an untouched base until a batched factorize
             self.factorize()
+
+    selection = _spec_field("selection")
+    seed = _spec_field("seed")
+    svd = _spec_field("svd")
+    singular_values = _spec_field("singular_values")
 
     @classmethod
     def check_variant(cls, base: nn.Module, name: str) -> None:
@@ -264,9 +265,10 @@ class RosaLayer(nn.Module):
         return self.base.bias
 
     def extra_repr(self) -> str:
-        residual = "" if self.residual_dtype == self.weight_dtype else f", residual_dtype={self.residual_dtype}"
-        return (f"name={self.name!r}, rank={self.rank}, selection={self.selection}, "
-                f"singular_values={self.singular_values}{residual}, resamples={self.resample_count}")
+        """Name, resolved rank, the settings that differ from :class:`LayerSpec`'s defaults, and resample count."""
+        changed = [f"{f.name}={getattr(self.spec, f.name)}" for f in fields(LayerSpec)
+                   if f.name != "rank" and getattr(self.spec, f.name) != f.default]
+        return ", ".join([f"name={self.name!r}", f"rank={self.rank}", *changed, f"resamples={self.resample_count}"])
 
 
 def _refuse_plain_layer_state(layer: RosaLayer, state_dict: dict, prefix: str, *_: object) -> None:
@@ -392,57 +394,6 @@ class RosaEmbedding(RosaLayer):
         result = self.base_forward(ids)  # [..., dim]
         h = F.embedding(ids, self.up, base.padding_idx)  # [..., R]; padding_idx: no gradient to that (zero) row
         return result + (h @ self.down).to(result.dtype)  # [..., dim]
-
-
-def check_untied(model: nn.Module, name: str) -> None:
-    """Raise ``ValueError`` naming both modules if module ``name`` shares its weight with another.
-
-    Covers a module reachable under two names, a weight Parameter shared by two modules (e.g.
-    ``lm_head.weight is embed_tokens.weight``), and Hugging Face models whose
-    ``config.tie_word_embeddings`` ties the input and output embeddings. Adapting one side would
-    silently untie them, or leave the other side computing with ``W_res``.
-    """
-    module = model.get_submodule(name)
-    weight = module.weight
-    for other_name, other in model.named_modules(remove_duplicate=False):
-        if other_name != name and (other is module or getattr(other, "weight", None) is weight):
-            raise ValueError(
-                f"layer {name!r} shares its weight with {other_name!r} (tied weights); adapting it would untie "
-                f"them. Leave {name!r} out of RosaConfig.target_modules (or add it to exclude_modules), or untie the "
-                "weights first"
-            )
-    pair = tied_embeddings(model)
-    if pair is not None and name in pair:
-        raise ValueError(
-            f"layer {name!r} is one of the tied input/output embeddings {pair[0]!r} and {pair[1]!r} "
-            "(config.tie_word_embeddings=True); adapting it would untie them. Leave it out of RosaConfig.target_modules "
-            "(or add it to exclude_modules), or untie the model first (separate weights, tie_word_embeddings=False)"
-        )
-
-
-def tied_embeddings(model: nn.Module) -> Optional[tuple[str, str]]:
-    """Names of the input and output embeddings that a Hugging Face config ties, or ``None``."""
-    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        return None
-    try:
-        pair = (model.get_input_embeddings(), model.get_output_embeddings())
-    except (AttributeError, NotImplementedError):  # not a Hugging Face model, or one without word embeddings
-        return None
-    names = {id(m): n for n, m in model.named_modules()}
-    if any(id(m) not in names for m in pair):
-        return None
-    return names[id(pair[0])], names[id(pair[1])]
-
-
-def check_adaptable(model: nn.Module, name: str) -> None:
-    """Raise ``ValueError`` naming the layer if ROSA cannot adapt module ``name`` of ``model``.
-
-    Checks the layer type's unsupported variants (e.g. an embedding with ``max_norm``) and tied
-    weights; the weight itself is checked by :func:`check_weight`.
-    """
-    module = model.get_submodule(name)
-    layer_class_for(module).check_variant(module, name)
-    check_untied(model, name)
 
 
 def is_supported(module: nn.Module) -> bool:

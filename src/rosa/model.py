@@ -1,4 +1,4 @@
-"""Module surgery over a whole model: wrap, resample, merge and parameter reports.
+"""Module surgery over a whole model: wrap, resample, merge, merged saves and parameter reports.
 
 No linear algebra lives here: the layers own the math.
 """
@@ -6,22 +6,20 @@ No linear algebra lives here: the layers own the math.
 from __future__ import annotations
 
 import json
-import logging
 import math
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
-from . import presets, subspace
-from .config import Patterns, RosaConfig, matches
-from .distributed import check_same_on_ranks, check_wrappers
+from . import subspace
+from .config import RosaConfig
 from .errors import raise_if_non_finite
-from .layers import (SUPPORTED_TYPES, RosaLayer, RosaLinear, check_adaptable, check_weight, is_supported,
-                     layer_class_for)
-from .schedule import check_optimizer, reset_optimizer_state
-
-logger = logging.getLogger("rosa")
+from .layers import RosaLayer, check_weight, layer_class_for
+from .optimizer_state import check_optimizer, reset_optimizer_state
+from .ranks import check_same_on_ranks
+from .targets import check_adaptable, find_modules_to_save, find_targets
+from .wrappers import check_wrappers
 
 CONFIG_ATTR = "rosa_config"
 SAVE_ATTR = "save_pretrained"  # a Hugging Face model's method that wrap overrides on the instance
@@ -38,96 +36,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _no_match_error(field: str, patterns: Patterns, names: list[str]) -> ValueError:
-    sample = ", ".join(repr(n) for n in names[:8]) or "(none)"
-    more = f" ... ({len(names)} in all)" if len(names) > 8 else ""
-    if isinstance(patterns, str):
-        what = (f"RosaConfig.{field}={patterns!r} matches no module of this model: a string is one regex matched "
-                "against full module names (e.g. r'.*\\.query'); for name suffixes pass a list such as ['query']")
-    else:
-        missing = [p for p in patterns if not any(matches(n, [p]) for n in names)]
-        what = (f"RosaConfig.{field} entry {', '.join(map(repr, missing))} matches no module of this model "
-                "(each entry is an exact module name or a name suffix, and every entry must match)")
-    return ValueError(f"{what}. Some module names that exist: {sample}{more}")
-
-
-def _check_matches(field: str, patterns: Patterns, named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """The modules ``patterns`` matches; raises naming the regex, or each list entry, that matches nothing."""
-    names = [n for n, _ in named]
-    matched = [(n, m) for n, m in named if matches(n, patterns)]
-    lists_miss = isinstance(patterns, (list, tuple)) and any(not any(matches(n, [p]) for n in names) for p in patterns)
-    if not matched or lists_miss:
-        raise _no_match_error(field, patterns, names)
-    return matched
-
-
-def find_targets(model: nn.Module, config: RosaConfig) -> list[tuple[str, nn.Module]]:
-    """The ``(name, module)`` pairs that ``config`` adapts, in model order.
-
-    ``target_modules=None`` takes the architecture preset, else :func:`rosa.presets.fallback_targets`
-    (linear layers only, never the output layer). Layers inside the modules trained fully by
-    default (:func:`rosa.presets.default_modules_to_save`) are never adapted. Raises ``ValueError``
-    when an explicit pattern (or one entry of a list) matches nothing, or names only unsupported layers.
-    """
-    named = [(n, m) for n, m in model.named_modules() if n]
-    patterns = config.target_modules
-    preset = presets.preset_targets(model) if patterns is None else None
-    if patterns is None and preset is None:
-        linear = [(n, m) for n, m in named if layer_class_for(m) is RosaLinear]
-        targets = presets.fallback_targets(model, linear)
-        presets.log_fallback(model, len(targets))
-        if not targets:
-            raise ValueError(
-                "RosaConfig.target_modules=None found no layer to adapt: without a preset for this architecture it "
-                "adapts every linear layer (nn.Linear, transformers Conv1D) except the output layer, and this model "
-                "has no other. Name the layers to adapt in target_modules"
-            )
-    else:
-        wanted = patterns if patterns is not None else preset
-        matched = (_check_matches("target_modules", patterns, named) if patterns is not None
-                   else [(n, m) for n, m in named if matches(n, preset)])
-        targets = [(n, m) for n, m in matched if is_supported(m)]
-        if not targets:
-            name, module = matched[0] if matched else ("(none)", None)
-            raise ValueError(
-                f"RosaConfig.target_modules={wanted!r} matches only layers ROSA cannot adapt, e.g. {name!r} "
-                f"({type(module).__name__}); supported: {SUPPORTED_TYPES}"
-            )
-    heads = presets.default_modules_to_save(model) if config.modules_to_save is None else []
-    targets = [(n, m) for n, m in targets if not any(n == h or n.startswith(h + ".") for h in heads)]
-    kept = [(n, m) for n, m in targets if not matches(n, config.exclude_modules)]
-    if not kept:
-        raise ValueError(
-            f"RosaConfig.exclude_modules={config.exclude_modules!r} excludes every target layer "
-            f"({', '.join(n for n, _ in targets)}); nothing would be trained"
-        )
-    return kept
-
-
-def _find_saved(model: nn.Module, config: RosaConfig) -> list[nn.Module]:
-    """The modules trained fully: ``modules_to_save``, or by default a classification model's head."""
-    if config.modules_to_save is None:
-        heads = presets.default_modules_to_save(model)
-        if heads:
-            logger.warning(
-                "rosa: %s is a classification model, so its new head is trained fully: %s "
-                "(RosaConfig.modules_to_save=None; pass a list to choose, [] for none)",
-                type(model).__name__, ", ".join(heads),
-            )
-        return [model.get_submodule(name) for name in heads]
-    if not config.modules_to_save:
-        return []
-    named = [(n, m) for n, m in model.named_modules() if n]
-    return [m for _, m in _check_matches("modules_to_save", config.modules_to_save, named)]
-
-
 def _wrap_fingerprint(config: RosaConfig, names: list[str]) -> str:
     return json.dumps({"config": config.to_dict(), "targets": names}, sort_keys=True, default=str)
 
 
 def _resample_fingerprint(layers: dict[str, RosaLayer]) -> str:
-    settings = [(layer.name, layer.rank, layer.selection, layer.seed, layer.svd, layer.singular_values,
-                 str(layer.up.dtype), str(layer.residual_dtype), layer.resample_count) for layer in layers.values()]
+    settings = [(layer.name, layer.rank, layer.spec.to_dict(), str(layer.up.dtype), str(layer.residual_dtype),
+                 layer.resample_count) for layer in layers.values()]
     return json.dumps(settings)
 
 
@@ -147,7 +62,7 @@ def wrap(model: nn.Module, config: RosaConfig, *, check_ranks: bool = True) -> n
     if rosa_layers(model):
         raise ValueError("model already has ROSA layers; call rosa.merge(model) before wrapping again")
     targets = find_targets(model, config)
-    saved = _find_saved(model, config)
+    saved = find_modules_to_save(model, config)
     for name, module in targets:
         check_weight(module.weight, name)
         check_adaptable(model, name)
@@ -155,22 +70,8 @@ def wrap(model: nn.Module, config: RosaConfig, *, check_ranks: bool = True) -> n
         check_same_on_ranks(_wrap_fingerprint(config, [n for n, _ in targets]), "rosa.wrap",
                             "RosaConfig or set of target layers")
 
-    layers = {
-        name: layer_class_for(module)(
-            module,
-            config.rank,
-            name=name,
-            selection=config.selection,
-            seed=config.seed,
-            dropout=config.dropout,
-            factor_dtype=config.factor_torch_dtype,
-            residual_dtype=config.residual_torch_dtype,
-            svd=config.svd,
-            singular_values=config.singular_values,
-            defer_factorize=True,
-        )
-        for name, module in targets
-    }
+    spec = config.layer_spec()
+    layers = {name: layer_class_for(module)(module, spec, name=name, defer_factorize=True) for name, module in targets}
     factorize_layers(layers.values())
     for param in model.parameters():
         param.requires_grad_(False)
@@ -249,7 +150,7 @@ def _factorize_chunks(layers: Iterable[RosaLayer]) -> list[list[RosaLayer]]:
     groups: dict[tuple, list[RosaLayer]] = {}
     for layer in layers:
         weight = layer.dense_weight()
-        key = (tuple(weight.shape), weight.device, layer.rank, layer.selection, layer.svd, layer.singular_values)
+        key = (tuple(weight.shape), weight.device, layer.rank, layer.spec)
         groups.setdefault(key, []).append(layer)
     chunks = []
     for (shape, *_), members in groups.items():

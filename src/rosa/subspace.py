@@ -24,6 +24,10 @@ def layer_generator(seed: int, name: str, resample_count: int) -> torch.Generato
     return generator
 
 
+# How the trainable singular vectors are chosen (see :func:`select_indices`).
+SELECTIONS = ("random", "block", "top", "bottom")
+
+
 def select_indices(num_singular: int, rank: int, selection: str, generator: torch.Generator) -> torch.Tensor:
     """Indices ``I`` (sorted, ``[rank]``) of the singular vectors that become trainable.
 
@@ -43,7 +47,7 @@ def select_indices(num_singular: int, rank: int, selection: str, generator: torc
         return torch.arange(rank)
     if selection == "bottom":
         return torch.arange(num_singular - rank, num_singular)
-    raise ValueError(f"selection must be 'random', 'block', 'top' or 'bottom', got {selection!r}")
+    raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
 
 
 # Randomized SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4): a Gaussian sketch OVERSAMPLING columns
@@ -54,7 +58,7 @@ def select_indices(num_singular: int, rank: int, selection: str, generator: torc
 OVERSAMPLING = 10
 POWER_ITERATIONS = 4
 RANDOMIZED_MAX_FRACTION = 0.25
-SVD_METHODS = ("full", "randomized")
+SVD_METHODS = ("full", "randomized")  # see :func:`runs_randomized`
 # float32 SVDs of a 2048x2048 weight measured ~4e-6 off (LAPACK) and up to ~1e-4 (cuSOLVER's gesvd) in
 # orthogonality and reconstruction; a fast CUDA driver's result further off is redone (checked_svd).
 SVD_TOLERANCE = 1e-4
@@ -165,7 +169,7 @@ def runs_randomized(method: str, selection: str, rank: int, shape: Sequence[int]
     return method == "randomized" and selection == "top" and pays_off
 
 
-SINGULAR_VALUE_PLACEMENTS = ("split", "down", "up")
+SINGULAR_VALUE_PLACEMENTS = ("split", "down", "up")  # which factor carries s (see :func:`split_factors`)
 
 
 def split_factors(

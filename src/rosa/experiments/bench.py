@@ -34,8 +34,7 @@ import torch
 from torch import nn
 
 import rosa
-from rosa.config import SELECTIONS
-from rosa.subspace import SVD_METHODS
+from rosa.subspace import SELECTIONS, SVD_METHODS
 
 from .methods import METHODS, classifier_head, prepare_model
 from .models import load_causal_lm, load_sequence_classifier

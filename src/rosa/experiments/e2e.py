@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import rosa
-from rosa.config import SELECTIONS
+from rosa.subspace import SELECTIONS
 
 from .e2e_data import E2EExample, MRGroup, format_prompt, group_by_mr, read_e2e_csv, split_by_mr
 from .methods import METHODS, count_trainable, finalize_model, prepare_model

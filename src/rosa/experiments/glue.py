@@ -26,8 +26,7 @@ from torch import nn
 
 import rosa
 from rosa.checkpoint import CheckpointError, checkpoint_extra, is_checkpoint
-from rosa.config import SELECTIONS
-from rosa.subspace import SINGULAR_VALUE_PLACEMENTS
+from rosa.subspace import SELECTIONS, SINGULAR_VALUE_PLACEMENTS
 
 from .glue_data import GlueSplit, TaskSpec, compute_glue_metrics, get_task_spec, load_glue_hub, main_score, read_glue_split
 from .methods import METHODS, classifier_head, count_trainable, finalize_model, prepare_model

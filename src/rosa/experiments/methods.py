@@ -1,7 +1,7 @@
 """Prepare a loaded Hugging Face model for one fine-tuning method: ROSA, PEFT LoRA or full.
 
 ROSA and LoRA adapt exactly the same layers at the same rank: LoRA's targets are ROSA's
-resolved targets (``rosa.model.find_targets``), passed to PEFT as exact module names.
+resolved targets (``rosa.targets.find_targets``), passed to PEFT as exact module names.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 import rosa
 from rosa.config import Patterns
 from rosa.layers import conv1d_type
-from rosa.model import find_targets
+from rosa.targets import find_targets
 from rosa.presets import classifier_head  # noqa: F401 (the runners' head choice, re-exported)
 
 METHODS = ("rosa", "lora", "full")

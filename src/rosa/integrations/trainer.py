@@ -9,7 +9,8 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..model import parameter_report, resample, rosa_layers, set_exact_saves
-from ..schedule import ResampleSchedule, base_optimizer, rewarmup_factor
+from ..optimizer_state import base_optimizer
+from ..schedule import ResampleSchedule, rewarmup_factor
 
 logger = logging.getLogger("rosa")
 
