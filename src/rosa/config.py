@@ -11,18 +11,6 @@ import torch
 
 from .subspace import SELECTIONS, SINGULAR_VALUE_PLACEMENTS, SVD_METHODS
 
-FACTOR_DTYPES = {
-    None: None,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    torch.float32: torch.float32,
-    torch.bfloat16: torch.bfloat16,
-    torch.float16: torch.float16,
-}
-
-RESIDUAL_DTYPES = {None: None, "float32": torch.float32, torch.float32: torch.float32}
-
 Patterns = Union[None, str, Sequence[str]]
 
 
@@ -35,6 +23,24 @@ def _plain(value: Any) -> Any:
     if isinstance(value, torch.dtype):
         return str(value).removeprefix("torch.")
     return list(value) if isinstance(value, tuple) else value
+
+
+def _dtype_options(*dtypes: torch.dtype) -> dict:
+    """What a dtype field accepts, mapped to its ``torch.dtype``: ``None``, each dtype and its name."""
+    return {None: None, **{_plain(d): d for d in dtypes}, **{d: d for d in dtypes}}
+
+
+def dtype_names(options: dict) -> tuple[str, ...]:
+    """The dtype names a dtype field (``FACTOR_DTYPES``, ``RESIDUAL_DTYPES``) accepts."""
+    return tuple(k for k in options if isinstance(k, str))
+
+
+def _dtype_help(options: dict) -> str:
+    return "use None (the base weight's dtype) or " + " / ".join(map(repr, dtype_names(options)))
+
+
+FACTOR_DTYPES = _dtype_options(torch.float32, torch.bfloat16, torch.float16)
+RESIDUAL_DTYPES = _dtype_options(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -152,9 +158,9 @@ class RosaConfig:
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             _check_patterns(name, getattr(self, name))
         if self.factor_dtype not in FACTOR_DTYPES:
-            raise _invalid("factor_dtype", self.factor_dtype, "use None, 'float32', 'bfloat16' or 'float16'")
+            raise _invalid("factor_dtype", self.factor_dtype, _dtype_help(FACTOR_DTYPES))
         if self.residual_dtype not in RESIDUAL_DTYPES:
-            raise _invalid("residual_dtype", self.residual_dtype, "use None (the base weight's dtype) or 'float32'")
+            raise _invalid("residual_dtype", self.residual_dtype, _dtype_help(RESIDUAL_DTYPES))
         if self.svd not in SVD_METHODS:
             raise _invalid("svd", self.svd, f"choose one of {', '.join(SVD_METHODS)}")
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import rosa
+from rosa.config import FACTOR_DTYPES, dtype_names
 from rosa.subspace import SELECTIONS, SVD_METHODS
 
 from .methods import METHODS, classifier_head, prepare_model
@@ -538,7 +539,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ROSA's SVD: 'full' (exact, default) or 'randomized' (leading triplets by a randomized range finder: faster "
         "on large layers, approximate; only selection 'top' uses it, 'random'/'bottom' need the exact SVD)"))
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="base weight dtype (default: float32)")
-    parser.add_argument("--factor-dtype", choices=("float32", "bfloat16", "float16"), help="ROSA factor dtype (default: the base weight dtype)")
+    parser.add_argument("--factor-dtype", choices=dtype_names(FACTOR_DTYPES), help="ROSA factor dtype (default: the base weight dtype)")
     parser.add_argument("--device", help=f"default: {d.device}")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--steps", type=int, help=f"timed train steps per method (default: {d.steps})")
