@@ -15,10 +15,10 @@ from torch import nn
 from . import subspace
 from .config import RosaConfig
 from .errors import raise_if_non_finite
-from .layers import RosaLayer, check_weight, layer_class_for
+from .layers import RosaLayer, layer_class_for
 from .optimizer_state import check_optimizer, reset_optimizer_state
 from .ranks import check_same_on_ranks
-from .targets import check_adaptable, find_modules_to_save, find_targets
+from .targets import check_targets, find_modules_to_save, find_targets
 from .wrappers import check_wrappers
 
 CONFIG_ATTR = "rosa_config"
@@ -63,9 +63,7 @@ def wrap(model: nn.Module, config: RosaConfig, *, check_ranks: bool = True) -> n
         raise ValueError("model already has ROSA layers; call rosa.merge(model) before wrapping again")
     targets = find_targets(model, config)
     saved = find_modules_to_save(model, config)
-    for name, module in targets:
-        check_weight(module.weight, name)
-        check_adaptable(model, name)
+    check_targets(model, targets)
     if check_ranks:
         check_same_on_ranks(_wrap_fingerprint(config, [n for n, _ in targets]), "rosa.wrap",
                             "RosaConfig or set of target layers")

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import presets
 from .config import Patterns, RosaConfig, matches
-from .layers import SUPPORTED_TYPES, RosaLinear, is_supported, layer_class_for
+from .layers import SUPPORTED_TYPES, RosaLinear, check_weight, is_supported, layer_class_for
 
 logger = logging.getLogger("rosa")
 
@@ -136,12 +136,13 @@ def tied_embeddings(model: nn.Module) -> Optional[tuple[str, str]]:
     return names[id(pair[0])], names[id(pair[1])]
 
 
-def check_adaptable(model: nn.Module, name: str) -> None:
-    """Raise ``ValueError`` naming the layer if ROSA cannot adapt module ``name`` of ``model``.
+def check_targets(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
+    """Raise ``ValueError`` naming the first of ``targets`` ROSA cannot adapt.
 
-    Checks the layer type's unsupported variants (e.g. an embedding with ``max_norm``) and tied
-    weights; the weight itself is checked by :func:`rosa.layers.check_weight`.
+    Checks each weight (:func:`rosa.layers.check_weight`), the layer type's unsupported variants
+    (e.g. an embedding with ``max_norm``) and tied weights.
     """
-    module = model.get_submodule(name)
-    layer_class_for(module).check_variant(module, name)
-    check_untied(model, name)
+    for name, module in targets:
+        check_weight(module.weight, name)
+        layer_class_for(module).check_variant(module, name)
+        check_untied(model, name)
