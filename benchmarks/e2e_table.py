@@ -35,7 +35,6 @@ from typing import Any, Optional
 
 from rosa.cli import main as rosa_main
 from rosa.experiments import e2e
-from rosa.experiments.e2e_data import format_prompt, read_e2e_csv
 from rosa.experiments.reporting import format_table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,14 +76,8 @@ def rosa_e2e_argv(budget: Budget, model: str, data: Path, seed: int, out: Path) 
             "--checkpoint-every", str(budget.resample_every)]
 
 
-def tiny_model(folder: Path, data: Path) -> Path:
-    """A tiny random Llama whose word-level vocabulary covers the prompts and references of ``data``."""
-    texts = [format_prompt(example.mr) + " " + example.ref for example in read_e2e_csv(data)]
-    return e2e.write_tiny_model(folder, texts, "llama")
-
-
 def target_checks(result: dict[str, Any]) -> dict[str, bool]:
-    """The issue's targets: ROSA >= LoRA on BLEU and ROUGE-L; merged ROSA generations byte-identical."""
+    """The checks this table reports: ROSA >= LoRA on BLEU and ROUGE-L; merged ROSA generations byte-identical."""
     rosa, lora = result["methods"]["rosa"], result["methods"]["lora"]
     return {
         "rosa_ge_lora_bleu": rosa["metrics"]["bleu"] >= lora["metrics"]["bleu"],
@@ -177,7 +170,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                          "or delete it to start over")
     resumed = args.resume and work.exists()
     start = time.perf_counter()
-    model = budget.model or str(tiny_model(work / "tiny-llama", args.data))  # seeded: the same model again
+    model = budget.model or str(e2e.write_tiny_e2e_model(work / "tiny-llama", args.data))  # seeded: the same model again
     run_dir = work / "run"
     rosa_main([*rosa_e2e_argv(budget, model, args.data, args.seed, run_dir), *(["--resume"] if resumed else [])])
     result = json.loads((run_dir / "result.json").read_text())

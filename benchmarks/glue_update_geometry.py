@@ -1,60 +1,42 @@
 """GLUE update geometry: how many directions each method's update spans on MiniLM-L6, and how far
 ROSA's consecutive subspaces move.
 
-For each task, each method's seed-0 run at its chosen learning rate in finished ``glue_table.py``
-reports is trained again (random-selection ROSA, LoRA and full fine-tuning from ``--from``,
-top-selection ROSA from ``--top-from``), with the same settings, so each score must equal the
-report's (a rerun on the same torch build and thread count is exact; the table says whether it
-was). For every adapted layer it measures the update ``W_final - W_0``: its 90%-energy rank (the
-fewest singular directions holding 90% of its squared Frobenius norm) and its stable rank
-(``||dW||_F^2 / ||dW||_2^2``), averaged over the 24 attention projections. For ROSA it also records
-each subspace's factors as drawn (before its first step) and reports, for each resample, the mean
-squared cosine of the principal angles between the new subspace and the previous one, over layers
-and both sides (1: the same subspace drawn again; two independent random subspaces of rank R in
-R^n give about R/n, 0.021 for rank 8 of 384).
+Each method's seed-0 run at its chosen learning rate in finished ``benchmarks.glue_table`` reports is trained
+again (random-selection ROSA, LoRA and full fine-tuning from ``--from``, top-selection ROSA from
+``--top-from``) and must score what the report holds. Per adapted layer it measures the update
+``W_final - W_0`` (90%-energy rank, stable rank) and, for ROSA, the overlap of each new subspace with the
+previous one. The protocol and its reading: docs/experiments/glue-protocols.md.
 
-Fixed and committed before it ran (session 16), reported whatever it shows: the README says of top
-selection that "each resample redraws the largest directions of a weight that has moved little, so
-the subspaces do not spread over the weight the way the paper's any-rank argument needs (reasoned,
-not measured here)". This measures it on the 3-epoch budget (two resamples per run). The statement
-is supported if top selection's mean consecutive overlap is above 0.5 on every task and its update's
-mean 90%-energy rank is below random-selection ROSA's on every task; refuted if its overlap is below
-0.5 on every task; mixed otherwise. Also read: whether random ROSA's update reaches past LoRA's
-rank (LoRA's update has rank at most 8; one ROSA subspace's at most 16, since both factors train).
-
-    OMP_NUM_THREADS=1 python benchmarks/glue_update_geometry.py --workers 2       # ~25 min on 2 cores
-    python benchmarks/glue_update_geometry.py --tiny --out /tmp/geometry-smoke   # seconds; numbers mean nothing
+    OMP_NUM_THREADS=1 python -m benchmarks.glue_update_geometry --workers 2        # ~25 min on 2 cores
+    python -m benchmarks.glue_update_geometry --tiny --out /tmp/geometry-smoke    # seconds; numbers mean nothing
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from statistics import fmean as mean
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # glue_table.py beside this script
-
-import glue_table  # noqa: E402
-from glue_table import BUDGETS, REPO, REPRODUCE_TOLERANCE, TASKS, VARIANT_DEFAULTS, Budget, in_workers  # noqa: E402
-
-import rosa  # noqa: E402
-from rosa.experiments import glue  # noqa: E402
-from rosa.experiments.glue_data import get_task_spec  # noqa: E402
-from rosa.experiments.models import load_sequence_classifier  # noqa: E402
-from rosa.experiments.reporting import format_table, machine_info, write_json  # noqa: E402
-from rosa.experiments.update_geometry import consecutive_overlaps, factor_subspaces, layer_weights, update_ranks  # noqa: E402
-from rosa.model import find_targets  # noqa: E402
+import rosa
+from benchmarks import glue_table
+from benchmarks.glue_table import (BUDGETS, REPO, REPRODUCE_TOLERANCE, ROSA_VARIANT, TASKS, VARIANT_DEFAULTS, Budget,
+                                   in_workers)
+from rosa.experiments import glue
+from rosa.experiments.glue_data import get_task_spec
+from rosa.experiments.models import load_sequence_classifier
+from rosa.experiments.reporting import format_table, machine_info, write_json
+from rosa.experiments.update_geometry import consecutive_overlaps, factor_subspaces, layer_weights, update_ranks
+from rosa.model import find_targets
 
 # variant -> (method, ROSA selection); each reruns the seed-0 choice of the report of its selection
 VARIANTS = {"rosa": ("rosa", "random"), "rosa-top": ("rosa", "top"), "lora": ("lora", "random"), "full": ("full", "random")}
 SOURCE_OPTIONS = {"random": "--from", "top": "--top-from"}  # selection -> the option naming its report
 # ROSA settings of glue_table.py that both reports must have left at their defaults (the reruns use those)
-DEFAULT_VARIANT = ("rosa_singular_values", "rosa_resample_every", "rosa_rewarmup_steps")
+DEFAULT_VARIANT = tuple(k for k in ROSA_VARIANT if k != "rosa_selection")
 ENERGY = 0.9  # of the update's squared Frobenius norm
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "glue-update-geometry"
 TINY = replace(BUDGETS["tiny"], epochs=2)  # --tiny: two subspaces, so one resample is measured
@@ -129,7 +111,7 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def verdict(report: dict[str, Any]) -> str:
-    """The pre-registered reading of the top-selection statement (see the module docstring)."""
+    """The pre-registered reading of the top-selection statement (docs/experiments/glue-protocols.md)."""
     tasks = report["tasks"].values()
     if not all(t["variants"]["rosa-top"]["overlaps"] for t in tasks):
         return "No resample in this budget: nothing to read on how far the subspaces move."

@@ -1,11 +1,10 @@
-"""Shared test helpers: where the real data lives, loading a benchmark script as a module, relative error."""
+"""Shared test helpers: where the real data lives, a benchmark module, relative error."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import socket
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -21,12 +20,8 @@ needs_glue = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").is_file(),
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` imported as module ``name``."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """The module ``benchmarks.<name>``."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

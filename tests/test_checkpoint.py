@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -13,6 +14,8 @@ from torch import nn
 import rosa
 from rosa import checkpoint
 from rosa.checkpoint import CheckpointError, checkpoint_metadata, load_checkpoint, save_checkpoint
+from rosa.errors import NonFiniteError
+from safetensors.torch import load_file
 
 STEPS = 7
 RESAMPLE_EVERY = 3
@@ -73,7 +76,7 @@ def conv_embed_loss(model: nn.Module, step: int) -> torch.Tensor:
 
 # kind -> (model factory, loss, target_modules)
 MODELS = {
-    "mlp": (mlp, mlp_loss, None),
+    "mlp": (mlp, mlp_loss, ["0", "2"]),
     "gpt2": (tiny_gpt2, gpt2_loss, None),
     "conv_embed": (ConvEmbed, conv_embed_loss, ["embed", "conv", "head"]),
 }
@@ -172,7 +175,7 @@ def test_metadata_describes_the_saved_model(tmp_path):
     run.save(tmp_path / "ckpt", RESAMPLE_EVERY)
     meta = checkpoint_metadata(tmp_path / "ckpt")
     assert meta["config"] == run.model.rosa_config
-    assert [(m["name"], m["rank"], m["resample_count"]) for m in meta["layers"]] == [("0", 2, 1), ("2", 2, 1)]
+    assert [(m["name"], m["rank"]) for m in meta["layers"]] == [("0", 2), ("2", 2)]
     assert meta["model_class"] == "torch.nn.modules.container.Sequential"
 
 
@@ -217,7 +220,7 @@ def test_crash_after_moving_the_old_checkpoint_aside_is_recovered(saved_once, mo
     real_rename = os.rename
 
     def rename(src, dst):
-        if str(src).endswith(".tmp"):  # moving the new checkpoint into place
+        if checkpoint.TEMP_MARKER in str(src):  # moving the new checkpoint into place
             raise KeyboardInterrupt("killed (simulated)")
         return real_rename(src, dst)
 
@@ -231,7 +234,7 @@ def test_crash_after_moving_the_old_checkpoint_aside_is_recovered(saved_once, mo
 
 def test_stale_temp_dir_from_a_killed_save_is_ignored_then_cleaned(saved_once):
     run, directory, snapshot = saved_once
-    stale = directory.parent / ".ckpt.abc123.tmp"
+    stale = directory.parent / f".ckpt{checkpoint.TEMP_MARKER}0123456789abcdef"
     stale.mkdir()
     (stale / checkpoint.MODEL_FILE).write_bytes(b"\x00" * 10)  # half-written
     assert_loads_step_1(directory, snapshot)
@@ -244,7 +247,45 @@ def test_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("precious")
     with pytest.raises(CheckpointError, match="not a ROSA checkpoint"):
         save_checkpoint(tmp_path, Run.build("mlp").model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("user_entry", ["notes.txt", "eval/"])
+def test_refuses_to_replace_a_checkpoint_holding_a_users_file(saved_once, user_entry):
+    run, directory, snapshot = saved_once
+    if user_entry.endswith("/"):
+        (directory / user_entry).mkdir()
+    else:
+        (directory / user_entry).write_text("precious")
+    before = sorted(p.name for p in directory.parent.iterdir()), sorted(p.name for p in directory.iterdir())
+    with pytest.raises(CheckpointError, match=f"also holds '{user_entry}', which saving would delete"):
+        run.save(directory, 2)
+    assert (sorted(p.name for p in directory.parent.iterdir()), sorted(p.name for p in directory.iterdir())) == before
+    assert_loads_step_1(directory, snapshot)
+
+
+# -- a poisoned state never replaces the last good checkpoint --------------------------------------
+@pytest.mark.parametrize("where", ["model", "optimizer", "extra"])
+def test_non_finite_state_is_refused_and_the_checkpoint_kept(saved_once, where):
+    run, directory, snapshot = saved_once
+    extra = {"step": 2, "ema": torch.zeros(3)}
+    with torch.no_grad():
+        if where == "model":
+            rosa.rosa_layers(run.model)["0"].up[1, 0] = float("nan")
+        elif where == "optimizer":
+            run.optimizer.state_dict()["state"][0]["exp_avg_sq"][0, 0] = float("inf")
+        else:
+            extra["ema"][1:] = float("-inf")
+    name = {"model": "model.0.up (1 non-finite)", "optimizer": "optimizer.state.state.0.exp_avg_sq (1 non-finite)",
+            "extra": "extra.ema (2 non-finite)"}[where]
+    with pytest.raises(NonFiniteError, match=rf"rosa.save_checkpoint refused: NaN or Inf in {re.escape(name)}"):
+        save_checkpoint(directory, run.model, run.optimizer, run.scheduler, run.schedule, extra=extra)
+    assert sorted(p.name for p in directory.parent.iterdir()) == ["ckpt"]
+    assert_loads_step_1(directory, snapshot)
+    save_checkpoint(directory, run.model, run.optimizer, run.scheduler, run.schedule, extra=extra,
+                    allow_non_finite=True)
+    assert checkpoint.checkpoint_extra(directory)["step"] == 2
 
 
 # -- bad checkpoints change nothing -----------------------------------------------------------------
@@ -308,25 +349,82 @@ def test_different_singular_value_placement_is_named(trained):
     assert_rejected(other, directory, "ROSA layer '0': singular_values is 'split' in the checkpoint, 'down' in the model")
 
 
-def test_checkpoint_without_singular_value_placement_loads_as_split(trained):
-    """Checkpoints written before the field existed always used the split."""
+def rewrite_manifest(directory, edit, redigest: bool = False) -> None:
+    """Apply ``edit`` to the parsed rosa.json of ``directory`` and write it back (with a fresh digest if asked)."""
+    path = directory / checkpoint.MANIFEST
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    if redigest:
+        manifest["digest"] = checkpoint._manifest_digest(manifest)
+    path.write_text(json.dumps(manifest, indent=1))
+
+
+def test_checkpoint_of_an_older_format_is_refused_with_its_version(trained):
     directory, target = trained
+
+    def as_version_1(manifest):
+        manifest["format_version"] = 1
+        del manifest["digest"]
+
+    rewrite_manifest(directory, as_version_1)
+    assert_rejected(target, directory, "format_version 1; this rosa-peft reads version 2 .*older rosa-peft")
+
+
+def test_edited_layer_metadata_is_detected(trained):
+    directory, target = trained
+    rewrite_manifest(directory, lambda m: m["layers"][0].update(seed=6))  # digest left as it was
+    assert_rejected(target, directory, "rosa.json.* is corrupted .its content differs from its digest")
+    rewrite_manifest(directory, lambda m: None, redigest=True)  # the seed changed, digest made to match
+    assert_rejected(target, directory, "seed is 6 in the checkpoint, 5 in the model")
+
+
+def test_resample_counts_travel_as_tensors(trained):
+    directory, _ = trained
     manifest = json.loads((directory / checkpoint.MANIFEST).read_text())
-    for layer in manifest["layers"]:
-        del layer["singular_values"]
-    (directory / checkpoint.MANIFEST).write_text(json.dumps(manifest))
-    target.load(directory)
-    with pytest.raises(CheckpointError, match="singular_values is 'split' in the checkpoint, 'up' in the model"):
-        Run.build("mlp", singular_values="up").load(directory)
+    assert "resample_count" not in json.dumps(manifest["layers"])
+    saved = load_file(directory / checkpoint.MODEL_FILE)
+    assert [int(saved[f"{name}.resamples"]) for name in ("0", "2")] == [1, 1]
+
+
+def test_missing_digest_is_detected(trained):
+    directory, target = trained
+    rewrite_manifest(directory, lambda m: m.pop("digest"))
+    assert_rejected(target, directory, "its digest is missing")
+
+
+def square_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return rosa.wrap(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)), rosa.RosaConfig(rank=2, seed=5, target_modules=["0", "2"]))
+
+
+@pytest.mark.parametrize("redigest", [False, True], ids=["manifest_digest", "tensor_digests"])
+def test_swapped_index_entries_of_the_same_shape_are_detected(tmp_path, redigest):
+    """Each guard alone catches the swap: the manifest's digest, and (that digest recomputed) the tensor digests."""
+    save_checkpoint(tmp_path / "ckpt", square_model(0))
+
+    def swap(manifest):
+        index = manifest["model"]
+        index["0.base.weight"], index["2.base.weight"] = index["2.base.weight"], index["0.base.weight"]
+
+    rewrite_manifest(tmp_path / "ckpt", swap, redigest)
+    model = square_model(1)
+    before = state(model)
+    message = ("the tensor for .0.base.weight. differs from its SHA-256" if redigest
+               else "its content differs from its digest")
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path / "ckpt", model)
+    assert_same_state(state(model), before)
 
 
 def test_different_layers_and_parameter_names(tmp_path, trained):
     directory, _ = trained
     torch.manual_seed(0)
-    model = rosa.wrap(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3), nn.Linear(3, 3)), rosa.RosaConfig(rank=2))
+    model = rosa.wrap(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3), nn.Linear(3, 3)),
+                      rosa.RosaConfig(rank=2, target_modules=["0", "2", "3"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     before = state(model)
-    with pytest.raises(CheckpointError, match=r"(?s)ROSA layers only in the model: '3'.*tensors only in the model: '3.up', '3.down', '3.base.weight'"):
+    with pytest.raises(CheckpointError, match=r"(?s)ROSA layers only in the model: '3'.*"
+                                              r"tensors only in the model: '3.up', '3.down', '3.resamples', '3.base.weight'"):
         load_checkpoint(directory, model, optimizer)
     assert_same_state(state(model), before)
 

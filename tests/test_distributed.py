@@ -10,7 +10,8 @@ import torch.distributed as dist
 from torch import nn
 
 import rosa
-from rosa.distributed import check_rank_agreement, check_wrappers, layer_digest
+from rosa.distributed import check_rank_agreement, layer_digest
+from rosa.wrappers import check_wrappers
 
 from helpers import spawn_gloo, train_resampling
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 def build() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-    return rosa.wrap(model, rosa.RosaConfig(rank=2, seed=1))
+    return rosa.wrap(model, rosa.RosaConfig(rank=2, seed=1, target_modules=["0", "2"]))
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,14 +67,26 @@ def ddp_run(rank: int) -> dict:
             layer.up[0, 0] = torch.nextafter(layer.up[0, 0], torch.tensor(float("inf")))
     result["perturbed"] = expect_error(RuntimeError, lambda: check_rank_agreement(model))
 
+    torch.manual_seed(0)  # same weights on both ranks; only RosaConfig.seed differs
+    other_seed = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    config = rosa.RosaConfig(rank=2, seed=rank, target_modules=["0", "2"])
+    result["seed"] = expect_error(RuntimeError, lambda: rosa.wrap(other_seed, config))
+    result["seed_unwrapped"] = not rosa.rosa_layers(other_seed)
+    behind = build()
+    if rank == 1:
+        rosa.resample(behind, check_ranks=False)  # one rank alone: no collective, so no hang
+    result["count"] = expect_error(RuntimeError, lambda: rosa.resample(behind))
+    result["count_unchanged"] = [layer.resample_count for layer in rosa.rosa_layers(behind).values()]
+
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
+    config = rosa.RosaConfig(rank=1, target_modules=["0"])
     result["fsdp2_wrap"] = expect_error(ValueError, lambda: rosa.wrap(fully_shard(nn.Sequential(nn.Linear(4, 4))),
-                                                                       rosa.RosaConfig(rank=1)))
+                                                                       config))
     fsdp1 = FullyShardedDataParallel(build(), device_id=torch.device("cpu"), use_orig_params=True)
     result["fsdp1"] = expect_error(NotImplementedError, lambda: rosa.resample(fsdp1))
     plain = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 4)))
-    result["wrap_ddp"] = expect_error(ValueError, lambda: rosa.wrap(plain, rosa.RosaConfig(rank=1)))
+    result["wrap_ddp"] = expect_error(ValueError, lambda: rosa.wrap(plain, config))
     return result
 
 
@@ -98,6 +111,17 @@ def test_ranks_agree_bitwise_after_every_resample(ddp_result):
 
 def test_a_perturbed_rank_is_named(ddp_result):
     assert "ROSA layer 'module.2' differs between rank 0 and rank(s) [1]" in ddp_result["perturbed"]
+
+
+def test_a_rank_with_another_seed_is_caught_at_wrap(ddp_result):
+    assert "rosa.wrap: rank(s) [1] differ from rank 0 in their RosaConfig or set of target layers" in ddp_result["seed"]
+    assert ddp_result["seed_unwrapped"]
+
+
+def test_resample_catches_ranks_with_different_resample_counts(ddp_result):
+    expected = "rosa.resample: rank(s) [1] differ from rank 0 in their ROSA layer settings or resample counts"
+    assert expected in ddp_result["count"]
+    assert ddp_result["count_unchanged"] == [0, 0]  # rank 0's layers: the refused resample changed nothing
 
 
 def test_fsdp1_and_wrapping_sharded_or_ddp_models_are_refused(ddp_result):

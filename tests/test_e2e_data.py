@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,22 @@ def test_missing_header(tmp_path, header):
     path = write_csv(tmp_path, header + '"name[A]",ok\n')
     with pytest.raises(ValueError, match="header 'mr,ref'"):
         read_e2e_csv(path)
+
+
+def test_header_only_file_names_the_file(tmp_path):
+    path = write_csv(tmp_path, "mr,ref\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: no data rows"):
+        read_e2e_csv(path)
+
+
+def test_rosa_e2e_with_a_header_only_file_exits_with_the_message(tmp_path):
+    from rosa.cli import main as cli_main
+
+    train = write_csv(tmp_path, "mr,ref\n")
+    evaluation = tmp_path / "eval.csv"
+    evaluation.write_text('mr,ref\n"name[A]",A.\n')
+    with pytest.raises(SystemExit, match=rf"rosa e2e: {re.escape(str(train))}: no data rows"):
+        cli_main(["e2e", "--train-file", str(train), "--eval-file", str(evaluation), "--out", str(tmp_path / "out")])
 
 
 def test_group_by_mr_keeps_first_appearance_order():

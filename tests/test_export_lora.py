@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import rosa  # noqa: E402
 from rosa.cli import main as cli_main  # noqa: E402
-from rosa.integrations.export import ADAPTER_WEIGHTS, export_lora  # noqa: E402
+from rosa.integrations.export import ADAPTER_WEIGHTS, KEY_PREFIX, export_lora  # noqa: E402
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2], [4, 4, 8, 0, 6, 1]])
 
@@ -108,14 +108,14 @@ def test_adapter_keys_and_shapes_match_peft_save_pretrained(tmp_path):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.emb = nn.Embedding(10, 8)
-            self.conv = nn.Conv2d(8, 6, 3, padding=1)
-            self.lin = nn.Linear(6, 5)
-            self.norm = nn.LayerNorm(5)
+            self.emb = nn.Embedding(40, 24)
+            self.conv = nn.Conv2d(24, 20, 3, padding=1)
+            self.lin = nn.Linear(20, 16)
+            self.norm = nn.LayerNorm(16)
 
         def forward(self, ids):
-            h = self.emb(ids).permute(0, 2, 1)[..., None]  # [B, 8, T, 1]
-            h = self.conv(h)[..., 0].permute(0, 2, 1)  # [B, T, 6]
+            h = self.emb(ids).permute(0, 2, 1)[..., None]  # [B, 24, T, 1]
+            h = self.conv(h)[..., 0].permute(0, 2, 1)  # [B, T, 20]
             return self.norm(self.lin(h))
 
     torch.manual_seed(0)
@@ -239,7 +239,7 @@ def test_sequence_classifier_with_an_unchanged_head(tmp_path):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     base = BertForSequenceClassification(config).eval()
-    tuned = rosa_tune(base, rosa.RosaConfig(rank=2), seed=5)
+    tuned = rosa_tune(base, rosa.RosaConfig(rank=1, modules_to_save=[]), seed=5)  # delta rank <= 4; the head stays frozen
     report = export_lora(base, tuned, tmp_path / "adapter")
     assert report["task_type"] == "SEQ_CLS"
     assert report["modules_to_save"] == {"classifier": "PEFT saves the SEQ_CLS head itself"}
@@ -260,3 +260,89 @@ def test_minilm_export_reproduces_the_tuned_classifier_in_vanilla_peft(tmp_path)
     assert len(report["layers"]) == 24 and all(i["rank"] == 16 for i in report["layers"].values())
     inputs = {"input_ids": torch.tensor([[101, 7592, 2088, 2003, 2307, 102], [101, 2023, 2003, 1037, 3231, 102]])}
     assert_close(peft_outputs(base, tmp_path / "adapter", inputs), outputs(tuned, inputs))
+
+
+# -- size guards: whole modules when LoRA is no smaller, refusal when most layers changed at full rank ---------
+def add_rank_k_delta(model: nn.Module, name: str, k: int, seed: int) -> None:
+    """Add a random update of rank exactly ``k`` to ``name``'s weight."""
+    g = torch.Generator().manual_seed(seed)
+    weight = model.get_submodule(name).weight
+    a, b = torch.randn(weight.shape[0], k, generator=g), torch.randn(k, weight.shape[1], generator=g)
+    with torch.no_grad():
+        weight.add_(0.02 * a @ b)
+
+
+@pytest.mark.parametrize("k, whole", [(15, False), (16, True), (32, True)])
+def test_a_layer_whose_lora_is_no_smaller_is_saved_whole(tmp_path, gpt2_pair, k, whole):
+    base, _ = gpt2_pair
+    tuned = copy.deepcopy(base)
+    add_rank_k_delta(tuned, "transformer.h.0.attn.c_proj", k, seed=1)  # [32, 32]: k * 64 >= 1024 from k = 16 on
+    add_rank_k_delta(tuned, "transformer.h.1.attn.c_proj", 2, seed=2)
+    report = export_lora(base, tuned, tmp_path / "adapter")
+    tensors = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS)
+    key = f"{KEY_PREFIX}transformer.h.0.attn.c_proj"
+    assert ("transformer.h.0.attn.c_proj" in report["modules_to_save"]) == whole
+    assert (f"{key}.weight" in tensors) == whole and (f"{key}.lora_A.weight" in tensors) == (not whole)
+    if whole:
+        assert torch.equal(tensors[f"{key}.weight"], tuned.transformer.h[0].attn.c_proj.weight)
+        assert report["modules_to_save"]["transformer.h.0.attn.c_proj"].startswith(f"a rank-{k} LoRA would hold {k * 64} values")
+    else:
+        assert report["layers"]["transformer.h.0.attn.c_proj"]["rank"] == k
+    assert report["adapter_parameters"] == sum(t.numel() for t in tensors.values())
+    assert report["base_parameters"] == sum(p.numel() for p in base.parameters())
+    assert_close(peft_outputs(base, tmp_path / "adapter", {"input_ids": IDS}), outputs(tuned, {"input_ids": IDS}))
+
+
+def tiny_bert_classifier(seed: int) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    return BertForSequenceClassification(config).eval()
+
+
+def test_a_tuned_model_over_another_base_is_refused_with_the_adapter_size(tmp_path):
+    base, unrelated = tiny_bert_classifier(0), tiny_bert_classifier(1)
+    with pytest.raises(ValueError, match=r"changed at near full rank .* of the base model's [\d,]+ parameters.*allow_full_rank=True"):
+        export_lora(base, unrelated, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_allow_full_rank_exports_what_most_layers_changed_at_full_rank(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    torch.manual_seed(0)
+    base = Net()
+    tuned = copy.deepcopy(base)
+    add_rank_k_delta(tuned, "a", 16, seed=1)
+    add_rank_k_delta(tuned, "b", 15, seed=2)
+    add_rank_k_delta(tuned, "c", 2, seed=3)
+    with pytest.raises(ValueError, match=r"2 of 3 changed layers changed at near full rank \(e.g. \['a', 'b'\]\)"):
+        export_lora(base, tuned, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    report = export_lora(base, tuned, tmp_path / "adapter", allow_full_rank=True)
+    assert report["near_full_rank"] == ["a", "b"] and set(report["modules_to_save"]) == {"a", "b"}
+    x = {"x": torch.randn(3, 16)}
+    assert_close(peft_outputs(base, tmp_path / "adapter", x), outputs(tuned, x))
+
+
+def test_cli_refuses_a_wrong_base_and_bad_limits_in_one_line(tmp_path, capsys):
+    tiny_bert_classifier(0).save_pretrained(tmp_path / "base")
+    tiny_bert_classifier(1).save_pretrained(tmp_path / "other")
+    command = ["export-lora", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "other"), "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit, match=r"^rosa export-lora: \d+ of \d+ changed layers changed at near full rank"):
+        cli_main(command)
+    assert not (tmp_path / "x").exists()
+    for option, value, expected in (("--rank", "0", "integer >= 1"), ("--tolerance", "1.5", "relative error in [0, 1)"),
+                                    ("--rank", "two", "integer >= 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(command + [option, value])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert f"argument {option}: {value!r} is not a" in error and expected in error

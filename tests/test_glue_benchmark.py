@@ -22,9 +22,9 @@ from helpers import GLUE_DIR, REPO, load_benchmark, needs_glue  # noqa: E402
 @needs_glue
 def test_tiny_budget_with_two_workers_writes_json_and_markdown(tmp_path):
     """The script as users run it, two tasks in two worker processes."""
-    command = [sys.executable, str(REPO / "benchmarks" / "glue_table.py"), "--tiny", "--tasks", "rte", "sts-b",
+    command = [sys.executable, "-m", "benchmarks.glue_table", "--tiny", "--tasks", "rte", "sts-b",
                "--workers", "2", "--seeds", "2", "--data-dir", str(GLUE_DIR), "--out", str(tmp_path)]
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     bench = load_benchmark("glue_table")
     saved = json.loads((tmp_path / "glue.json").read_text())
     assert saved["complete"] and saved["budget_name"] == "tiny" and saved["workers"] == 2
@@ -51,7 +51,7 @@ def test_tiny_budget_with_two_workers_writes_json_and_markdown(tmp_path):
     assert saved["step_time"]["rosa_seconds"] > 0 and saved["targets"]["rosa_over_lora_step_time"] > 0
 
     # Widen its grids in two workers: each task's rerun of its chosen ROSA run, in a fresh process, scores the same.
-    subprocess.run([*command[:-1], str(tmp_path / "wide"), "--widen", str(tmp_path)], check=True,
+    subprocess.run([*command[:-1], str(tmp_path / "wide"), "--widen", str(tmp_path)], check=True, cwd=REPO,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     wide = json.loads((tmp_path / "wide" / "glue.json").read_text())
     assert wide["complete"] and wide["widen"] == str(tmp_path)
@@ -216,6 +216,16 @@ def test_report_only_rewrites_the_tables_from_glue_json_without_training(tmp_pat
     assert report["paired"]["rosa_minus_lora"]["average"]["seeds"] == committed["seeds"]
     assert (tmp_path / "glue.md").read_text() == (REPO / "benchmarks" / "results" / "glue-long" / "glue.md").read_text()
     assert json.loads((tmp_path / "glue.json").read_text())["targets"] == report["targets"]
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.relative_to(REPO / "benchmarks" / "results").as_posix()
+                                          for p in (REPO / "benchmarks" / "results").glob("**/glue.json")))
+def test_every_committed_table_renders_again_to_its_committed_markdown(folder, tmp_path):
+    bench = load_benchmark("glue_table")
+    committed = REPO / "benchmarks" / "results" / folder
+    report = json.loads((committed / "glue.json").read_text())
+    assert bench.write_report(report, tmp_path) == (committed / "glue.md").read_text()
+    assert json.loads((tmp_path / "glue.json").read_text()) == json.loads((committed / "glue.json").read_text())
 
 
 def test_report_only_with_seeds_reports_the_first_seeds_of_another_report(tmp_path, monkeypatch):

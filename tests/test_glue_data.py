@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 import types
 import warnings
@@ -132,6 +133,22 @@ def test_bad_float(tmp_path: Path) -> None:
     _write(tmp_path, "STS-B", "dev.tsv", header + row.format("1.5") + row.format("x"))
     with pytest.raises(ValueError, match=r"STS-B.dev\.tsv: line 3: .*'x'"):
         read_glue_split(tmp_path, "sts-b", "dev")
+
+
+@pytest.mark.parametrize("task, text", [("RTE", RTE_HEADER), ("RTE", RTE_HEADER + "\n\n"), ("CoLA", ""), ("CoLA", "\n")])
+def test_file_without_data_rows_names_the_file(tmp_path: Path, task: str, text: str) -> None:
+    path = _write(tmp_path, task, "train.tsv", text)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: no data rows"):
+        read_glue_split(tmp_path, task, "train")
+
+
+def test_rosa_glue_with_a_header_only_file_exits_with_the_message(tmp_path: Path) -> None:
+    from rosa.cli import main as cli_main
+
+    path = _write(tmp_path, "RTE", "train.tsv", RTE_HEADER)
+    _write(tmp_path, "RTE", "dev.tsv", RTE_HEADER + "0\ta\tb\tentailment\n")
+    with pytest.raises(SystemExit, match=rf"rosa glue: {re.escape(str(path))}: no data rows \(only a header line\)"):
+        cli_main(["glue", "--task", "RTE", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
 
 
 def test_missing_file_names_path_and_layout(tmp_path: Path) -> None:

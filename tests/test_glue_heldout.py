@@ -1,4 +1,4 @@
-"""The held-out learning-rate check of the GLUE table (``benchmarks/glue_heldout.py``)."""
+"""The held-out learning-rate check of the GLUE table (``benchmarks.glue_heldout``)."""
 
 import os
 

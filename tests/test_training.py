@@ -88,7 +88,7 @@ def test_warmup_then_decay_rises_linearly_then_falls_to_zero():
 
 
 def test_lr_ramps_back_up_after_each_resample():
-    model = rosa.wrap(torch.nn.Sequential(torch.nn.Linear(8, 8)), rosa.RosaConfig(rank=2))
+    model = rosa.wrap(torch.nn.Sequential(torch.nn.Linear(8, 8)), rosa.RosaConfig(rank=2, target_modules=["0"]))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     schedule = rosa.ResampleSchedule(every_steps=5)
     scheduler = warmup_then_decay(optimizer, 20, schedule, rewarmup_steps=2)

@@ -14,6 +14,7 @@ from rosa.experiments.update_geometry import (
     energy_rank,
     factor_subspaces,
     layer_weights,
+    numerical_rank,
     stable_rank,
     subspace_overlap,
     update_ranks,
@@ -53,6 +54,29 @@ def test_stable_rank_matches_numpy_norms(rows, cols, seed):
     expected = np.linalg.norm(a.numpy(), "fro") ** 2 / np.linalg.norm(a.numpy(), 2) ** 2
     assert stable_rank(a) == pytest.approx(expected, rel=1e-5)
     assert stable_rank(torch.zeros(rows, cols)) == 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(2, 16), cols=st.integers(2, 16), seed=st.integers(0, 10_000),
+       rtol=st.sampled_from([1e-3, 0.1, 0.5]), data=st.data())
+def test_numerical_rank_counts_the_singular_values_above_rtol_of_the_largest(rows, cols, seed, rtol, data):
+    values = sorted(data.draw(st.lists(st.floats(1e-6, 10.0), min_size=1, max_size=min(rows, cols))), reverse=True)
+    expected = sum(v > rtol * values[0] * (1 + 1e-9) for v in values)  # margins keep ties off the threshold
+    if any(abs(v - rtol * values[0]) < 1e-6 * values[0] for v in values):
+        return
+    assert numerical_rank(with_singular_values(rows, cols, values, seed), rtol) == expected
+
+
+def test_numerical_rank_ignores_float32_rounding_of_a_merged_low_rank_update():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 48, generator=g)
+    update = 1e-2 * torch.randn(64, 3, generator=g) @ torch.randn(3, 48, generator=g)  # rank 3
+    merged = (weight + update).float()  # rounded to float32, as a merged layer is
+    assert torch.linalg.matrix_rank(merged.double() - weight.double()) > 3  # the rounding is full rank
+    assert numerical_rank(merged.double() - weight.double()) == 3
+    assert numerical_rank(torch.zeros(3, 2)) == 0
+    with pytest.raises(ValueError, match="rtol must be in"):
+        numerical_rank(torch.eye(3), 1.0)
 
 
 @settings(max_examples=40, deadline=None)
@@ -119,3 +143,6 @@ def test_update_ranks_of_a_merged_rosa_model_stay_within_twice_the_rank_per_subs
     ranks = update_ranks(pretrained, layer_weights(merged, pretrained), fraction=1.0 - 1e-9)
     assert 1 <= ranks["energy_rank_mean"] <= ranks["energy_rank_max"] <= 4  # (up + dU)(down + dD) - up down
     assert 1.0 <= ranks["stable_rank_mean"] <= 4.0
+    assert 1 <= ranks["numerical_rank_mean"] <= ranks["numerical_rank_max"] <= 4
+    assert ranks["numerical_rank_max"] == max(numerical_rank(layer_weights(merged, [n])[n] - w)
+                                              for n, w in pretrained.items())

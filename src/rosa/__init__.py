@@ -1,14 +1,18 @@
 """rosa-peft: ROSA (Random Subspace Adaptation) fine-tuning for PyTorch and Hugging Face models."""
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import RosaConfig
+from .config import LayerSpec, RosaConfig
+from .errors import NonFiniteError
 from .layers import RosaConv2d, RosaEmbedding, RosaLayer, RosaLinear
 from .model import merge, parameter_report, print_trainable_parameters, resample, rosa_layers, wrap
-from .schedule import ResampleSchedule, reset_optimizer_state, rewarmup_factor
+from .optimizer_state import reset_optimizer_state
+from .schedule import ResampleSchedule, rewarmup_factor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LayerSpec",
+    "NonFiniteError",
     "RosaConfig",
     "RosaConv2d",
     "RosaEmbedding",

@@ -1,34 +1,62 @@
-"""Checkpoints of a ROSA training run: exact resume, atomic replacement, no pickle.
+"""Checkpoints of a ROSA training run: exact resume, atomic replacement, every corruption detected, no pickle.
 
-A checkpoint is a directory holding:
+A checkpoint is a directory holding exactly these files:
 
-* ``rosa.json``: format version, the ``RosaConfig``, each ROSA layer's metadata (name, type, rank,
-  selection, seed, singular-value placement, resample count: the resample count fixes the layer's
-  next subspace draw), the model class (and Hugging Face config), the index of the model state and
-  a SHA-256 per file.
-* ``model.safetensors``: every parameter and persistent buffer (``W_res`` base weights, factors,
-  heads ...). Tied weights are stored once; ``rosa.json`` records the other names.
+* ``rosa.json`` (the manifest): format version, the ``RosaConfig``, each ROSA layer's metadata
+  (name, type, rank, selection, seed, singular-value placement, resample count: the resample count
+  fixes the layer's next subspace draw), the model class (and Hugging Face config), the index of
+  the model state, the SHA-256 of ``training_state.json``, the SHA-256 of every tensor (its dtype,
+  shape and bytes) keyed by its name (``0.up``; a training-state tensor by its path, as in
+  ``optimizer.state.state.0.exp_avg``), and ``digest``: the SHA-256 of all of the above as canonical
+  JSON (sorted keys, no spaces).
+* ``model.safetensors``: every entry of ``model.state_dict()`` (``W_res`` base weights, factors,
+  heads, buffers ...). Tied weights are stored once; the index records the other names.
 * ``training_state.json`` + ``training_state.safetensors``: optimizer, LR scheduler and
   ``ResampleSchedule`` state, the torch / numpy / python RNG states and the caller's ``extra``;
   tensors go to safetensors, everything else to JSON.
 
-Saving writes a temporary directory beside the target and renames it into place; an existing
-checkpoint is renamed aside first and deleted last, so a crash at any moment leaves a complete
-checkpoint (loading renames an orphaned aside copy back). One writer per checkpoint directory.
-Loading reads and checks everything before it changes the model, optimizer or anything else.
+Guaranteed:
+
+* Integrity. Loading verifies the manifest's digest, the SHA-256 of the exact JSON bytes it parses
+  and of every tensor it loads, under the tensor's name, before it changes the model, optimizer or
+  anything else. A flipped bit, a truncated or missing file, an edited manifest or swapped index
+  entries raise :class:`CheckpointError` and change nothing. (The digests detect damage, not a
+  forger who rewrites them.)
+* Crash safety. Saving writes a temporary directory ``.NAME.rosa-tmp-<random>`` beside the target
+  and renames it into place; an existing checkpoint is renamed aside (``.NAME.rosa-aside``) first
+  and deleted last, so a crash at any moment leaves a complete checkpoint (the next load or save
+  renames an orphaned aside copy back, and a save deletes its own target's stale temporaries, no
+  one else's).
+* Concurrent saves. A save holds an exclusive lock on ``.NAME.rosa-lock`` beside the target
+  (``fcntl.flock``, released when its process dies, the file removed after use): saves of the same
+  checkpoint wait for each other and the last one stays; saves of different checkpoints in one
+  folder never touch each other's files. Where the file system refuses locks (or off POSIX) saves
+  warn and go unlocked: one writer per checkpoint then.
+* Nothing poisoned, nothing foreign replaced. A save refuses (``NonFiniteError``) a state holding
+  NaN or Inf in any floating tensor unless ``allow_non_finite=True``, and refuses
+  (``CheckpointError``) to replace a directory that holds anything besides a checkpoint's own
+  files. Both checks, like every other refusal, come before any file is touched.
+
+Not guaranteed: a load that overlaps a save of the same checkpoint may fail with ``CheckpointError``
+(it never loads a mix of the two; load again); Python numbers (``extra={"best": float("inf")}``,
+scheduler state) are stored as they are, unchecked; files are not encrypted or signed.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import os
 import random
+import re
+import secrets
 import shutil
-import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -37,20 +65,31 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import RosaConfig
+from .errors import raise_if_non_finite
 from .model import CONFIG_ATTR, rosa_layers
 
-FORMAT_VERSION = 1
+try:
+    import fcntl
+except ImportError:  # not POSIX: saves go unlocked (see the module docstring)
+    fcntl = None
+
+FORMAT_VERSION = 2
 MANIFEST = "rosa.json"
 MODEL_FILE = "model.safetensors"
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
 DATA_FILES = (MODEL_FILE, STATE_JSON, STATE_TENSORS)
+# The fields of each layer's LayerSpec stored in the manifest, and checked against the model on load.
+STORED_SETTINGS = ("selection", "seed", "singular_values")
+TEMP_MARKER, ASIDE_MARKER, LOCK_MARKER = ".rosa-tmp-", ".rosa-aside", ".rosa-lock"
+_TEMP_TOKEN = re.compile(r"[0-9a-f]{16}")  # secrets.token_hex(8)
 
 PathLike = Union[str, os.PathLike]
 
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
 _MARKERS = {_TENSOR, _TUPLE, _ITEMS}
 _MAX_LISTED = 10
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # file systems without flock
 
 
 class CheckpointError(ValueError):
@@ -65,26 +104,41 @@ def save_checkpoint(
     scheduler: Any = None,
     schedule: Any = None,
     extra: Optional[dict] = None,
+    *,
+    allow_non_finite: bool = False,
 ) -> Path:
     """Write a checkpoint of ``model`` (and the given training state) to ``directory``, atomically.
 
     ``extra`` is any JSON-like dict (tensors allowed), e.g. ``{"step": 100}``; ``load_checkpoint``
-    returns it. An existing checkpoint at ``directory`` is replaced; a directory that is not a
-    checkpoint is never replaced. Returns the checkpoint path.
+    returns it. An existing checkpoint at ``directory`` is replaced. Refused, with nothing written:
+    a state holding NaN or Inf in a floating tensor (``NonFiniteError``, unless
+    ``allow_non_finite=True``), and a ``directory`` that holds anything but a checkpoint's own files
+    (``CheckpointError``). Returns the checkpoint path.
     """
     directory = Path(directory)
-    _refuse_foreign(directory)
     model_tensors = _TensorTable()
     state_tensors = _TensorTable()
-    manifest = _manifest(model, _encode(model.state_dict(), "", model_tensors))
+    model_index = _encode(model.state_dict(), "", model_tensors)
     training = _encode(_training_state(optimizer, scheduler, schedule, extra), "", state_tensors)
+    if not allow_non_finite:
+        raise_if_non_finite(
+            [(f"model.{name}", t) for name, t in model_tensors.tensors.items()] + list(state_tensors.tensors.items()),
+            "rosa.save_checkpoint",
+            f"The checkpoint at {str(directory)!r} was left as it was: load it to go back to the last good state "
+            "(and lower the learning rate), or pass allow_non_finite=True to save this state anyway.",
+        )
+    training_json = _json_bytes(training)
+    manifest = _manifest(model, model_index)
+    manifest["files"] = {STATE_JSON: hashlib.sha256(training_json).hexdigest()}
+    manifest["tensors"] = {MODEL_FILE: model_tensors.digests, STATE_TENSORS: state_tensors.digests}
+    manifest = json.loads(json.dumps(manifest))  # as a load will read it (tuples become lists ...)
+    manifest["digest"] = _manifest_digest(manifest)
 
     def write(tmp: Path) -> None:
         save_file(model_tensors.tensors, tmp / MODEL_FILE)
         save_file(state_tensors.tensors, tmp / STATE_TENSORS)
-        _write_json(tmp / STATE_JSON, training)
-        manifest["files"] = {name: _sha256(tmp / name) for name in DATA_FILES}
-        _write_json(tmp / MANIFEST, manifest)
+        (tmp / STATE_JSON).write_bytes(training_json)
+        (tmp / MANIFEST).write_bytes(_json_bytes(manifest))
 
     _write_atomically(directory, write)
     return directory
@@ -108,18 +162,15 @@ def load_checkpoint(
     """
     directory = _recover(Path(directory))
     manifest = _read_manifest(directory)
-    model_state = _decode(manifest["model"], _read_tensors(directory / MODEL_FILE))
-    training = _decode(_read_json(directory / STATE_JSON), _read_tensors(directory / STATE_TENSORS))
+    training = _read_training(directory, manifest)
+    model_state = _read_state(directory, MODEL_FILE, manifest["model"], manifest)
 
     problems = _model_problems(manifest, model_state, model)
     problems += _training_problems(training, optimizer, scheduler, schedule)
     if problems:
         raise CheckpointError(_problem_message(directory, problems))
 
-    model.load_state_dict(model_state)
-    layers = rosa_layers(model)
-    for info in manifest["layers"]:
-        layers[info["name"]].resample_count = info["resample_count"]
+    model.load_state_dict(model_state)  # the resample counts are buffers: they come with the state dict
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (schedule, "schedule")):
         if obj is not None:
             obj.load_state_dict(training[key]["state"])
@@ -150,9 +201,7 @@ def checkpoint_extra(directory: PathLike) -> dict:
     Raises ``FileNotFoundError`` when there is no checkpoint, :class:`CheckpointError` when it is damaged.
     """
     directory = _recover(Path(directory))
-    _read_manifest(directory)  # complete and intact (hashes)
-    training = _decode(_read_json(directory / STATE_JSON), _read_tensors(directory / STATE_TENSORS))
-    return training["extra"] or {}
+    return _read_training(directory, _read_manifest(directory))["extra"] or {}
 
 
 def is_checkpoint(directory: PathLike) -> bool:
@@ -162,17 +211,17 @@ def is_checkpoint(directory: PathLike) -> bool:
 
 # -- what gets stored ----------------------------------------------------------------------------
 def layer_metadata(model: nn.Module) -> list[dict]:
-    """Name, type, rank, selection, seed, singular-value placement and resample count of every ROSA layer of ``model``."""
+    """Name, type, rank, selection, seed and singular-value placement of every ROSA layer of ``model``.
+
+    The resample counts are not here: they are buffers of the layers, stored with the other tensors.
+    """
     return [
         {
             "name": name,
             "type": type(layer).__name__,
             "base_type": type(layer.base).__name__,
             "rank": layer.rank,
-            "selection": layer.selection,
-            "seed": layer.seed,
-            "singular_values": layer.singular_values,
-            "resample_count": layer.resample_count,
+            **{setting: getattr(layer.spec, setting) for setting in STORED_SETTINGS},
         }
         for name, layer in rosa_layers(model).items()
     ]
@@ -231,10 +280,15 @@ def _set_rng_state(state: dict) -> None:
 
 # -- nested state <-> JSON + flat tensors --------------------------------------------------------
 class _TensorTable:
-    """Tensors collected while encoding, each stored once (safetensors refuses shared storage)."""
+    """Tensors collected while encoding, each stored once (safetensors refuses shared storage).
+
+    ``digests`` holds the SHA-256 of the tensor at every path, a tensor stored once but reached by
+    several paths (tied weights) included.
+    """
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self.digests: dict[str, str] = {}
         self._keys: dict[tuple, str] = {}
         self._storages: set[int] = set()
 
@@ -242,7 +296,9 @@ class _TensorTable:
         """Store ``tensor`` under ``key`` unless the same tensor is stored already; returns its key."""
         ident = (tensor.device, tensor.dtype, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
         if ident in self._keys:
-            return self._keys[ident]
+            stored = self._keys[ident]
+            self.digests[key] = self.digests[stored]
+            return stored
         value = tensor.detach().cpu().contiguous()
         storage = value.untyped_storage().data_ptr()
         if storage in self._storages and value.numel():
@@ -250,6 +306,7 @@ class _TensorTable:
         self._storages.add(value.untyped_storage().data_ptr())
         self._keys[ident] = key
         self.tensors[key] = value
+        self.digests[key] = _tensor_sha256(value)
         return key
 
 
@@ -276,22 +333,29 @@ def _encode(value: Any, path: str, table: _TensorTable) -> Any:
     )
 
 
-def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`_encode`."""
-    if isinstance(value, list):
-        return [_decode(v, tensors) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if _TENSOR in value:
-        key = value[_TENSOR]
-        if key not in tensors:
-            raise CheckpointError(f"checkpoint refers to tensor {key!r}, which its safetensors file lacks")
-        return tensors[key]
-    if _TUPLE in value:
-        return tuple(_decode(v, tensors) for v in value[_TUPLE])
-    if _ITEMS in value:
-        return {_decode(k, tensors): _decode(v, tensors) for k, v in value[_ITEMS]}
-    return {k: _decode(v, tensors) for k, v in value.items()}
+def _decode(value: Any, tensors: dict[str, torch.Tensor], digests: dict[str, str], source: Path) -> Any:
+    """Inverse of :func:`_encode`; every tensor must match the SHA-256 ``digests`` holds for its path."""
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, list):
+            return [walk(v, _join(path, i)) for i, v in enumerate(value)]
+        if not isinstance(value, dict):
+            return value
+        if _TENSOR in value:
+            tensor = tensors.get(value[_TENSOR])
+            if tensor is None:
+                raise _corrupted(source, f"it lacks tensor {value[_TENSOR]!r}")
+            if digests.get(path) != _tensor_sha256(tensor):
+                raise _corrupted(source, f"the tensor for {path!r} differs from its SHA-256 in {MANIFEST}")
+            return tensor
+        if _TUPLE in value:
+            return tuple(walk(v, _join(path, i)) for i, v in enumerate(value[_TUPLE]))
+        if _ITEMS in value:
+            items = [(walk(k, path), v) for k, v in value[_ITEMS]]
+            return {k: walk(v, _join(path, k)) for k, v in items}
+        return {k: walk(v, _join(path, k)) for k, v in value.items()}
+
+    return walk(value, "")
 
 
 # -- checks before loading -----------------------------------------------------------------------
@@ -318,9 +382,8 @@ def _model_problems(manifest: dict, saved: dict, model: nn.Module) -> list[str]:
     current_layers = {info["name"]: info for info in layer_metadata(model)}
     problems = _key_problems("ROSA layers", list(saved_layers), list(current_layers))
     for name in saved_layers.keys() & current_layers.keys():
-        saved_layer = {"singular_values": "split", **saved_layers[name]}  # older checkpoints: always the split
-        for field in ("type", "base_type", "rank", "selection", "seed", "singular_values"):
-            theirs, mine = saved_layer[field], current_layers[name][field]
+        for field in ("type", "base_type", "rank", *STORED_SETTINGS):
+            theirs, mine = saved_layers[name][field], current_layers[name][field]
             if theirs != mine:
                 problems.append(f"ROSA layer {name!r}: {field} is {theirs!r} in the checkpoint, {mine!r} in the model")
     current = model.state_dict()
@@ -381,116 +444,226 @@ def _problem_message(directory: Path, problems: list[str]) -> str:
 
 
 # -- reading -------------------------------------------------------------------------------------
-def _read_json(path: Path) -> Any:
+def _parse_json(path: Path, data: bytes) -> Any:
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {str(path)!r} is missing; the checkpoint is incomplete") from None
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"checkpoint file {str(path)!r} is corrupted (not valid JSON: {err})") from None
+        raise _corrupted(path, f"not valid JSON: {err}") from None
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_bytes(path: Path) -> bytes:
     try:
-        return load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"checkpoint file {str(path)!r} is corrupted or unreadable ({err})") from None
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise _missing(path) from None
+
+
+def _missing(path: Path) -> CheckpointError:
+    return CheckpointError(f"checkpoint file {str(path)!r} is missing; the checkpoint is incomplete")
+
+
+def _corrupted(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint file {str(path)!r} is corrupted ({what}); nothing was loaded")
 
 
 def _read_manifest(directory: Path) -> dict:
-    """The checked manifest of ``directory``: right format, every data file present and intact."""
+    """The verified manifest of ``directory``: this format, its digest intact."""
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint at {str(directory)!r} (not a directory)")
-    manifest = _read_json(directory / MANIFEST)
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    path = directory / MANIFEST
+    manifest = _parse_json(path, _read_bytes(path))
+    if not isinstance(manifest, dict):
+        raise _corrupted(path, "not a JSON object")
+    if "digest" in manifest and manifest["digest"] != _manifest_digest(manifest):
+        raise _corrupted(path, "its content differs from its digest")
+    version = manifest.get("format_version")
     if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        fix = ("upgrade rosa-peft" if newer else
+               "it was written by an older rosa-peft, without the digests this one verifies: resume it with "
+               "that release, or start the run again")
         raise CheckpointError(
             f"checkpoint {str(directory)!r} has format_version {version!r}; this rosa-peft reads version "
-            f"{FORMAT_VERSION} (upgrade rosa-peft, or re-save the checkpoint)"
+            f"{FORMAT_VERSION} ({fix})"
         )
-    for name in DATA_FILES:
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {str(path)!r} is missing; the checkpoint is incomplete")
-        if _sha256(path) != manifest["files"][name]:
-            raise CheckpointError(f"checkpoint file {str(path)!r} is corrupted (its SHA-256 differs from rosa.json)")
+    if "digest" not in manifest:
+        raise _corrupted(path, "its digest is missing")
     return manifest
 
 
+def _read_training(directory: Path, manifest: dict) -> dict:
+    """The verified training state (optimizer, scheduler, schedule, RNG, extra) of ``directory``."""
+    path = directory / STATE_JSON
+    data = _read_bytes(path)
+    if hashlib.sha256(data).hexdigest() != manifest["files"][STATE_JSON]:
+        raise _corrupted(path, f"its SHA-256 differs from {MANIFEST}")
+    return _read_state(directory, STATE_TENSORS, _parse_json(path, data), manifest)
+
+
+def _read_state(directory: Path, name: str, encoded: Any, manifest: dict) -> Any:
+    """``encoded`` decoded with the tensors of ``directory/name``, each checked against the manifest."""
+    path = directory / name
+    if not path.is_file():
+        raise _missing(path)
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise _corrupted(path, f"unreadable: {err}") from None
+    return _decode(encoded, tensors, manifest["tensors"][name], path)
+
+
+# -- integrity -----------------------------------------------------------------------------------
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=1) + "\n").encode()
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest without its ``digest``, as canonical JSON."""
+    body = {key: value for key, value in manifest.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a CPU tensor's dtype, shape and bytes."""
+    digest = hashlib.sha256(f"{tensor.dtype}{list(tensor.shape)}".encode())
+    digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 # -- atomic directory replacement ----------------------------------------------------------------
-def _aside_path(directory: Path) -> Path:
-    return directory.with_name(f".{directory.name}.old")
+def _sibling(directory: Path, marker: str) -> Path:
+    """``.NAME<marker>`` beside ``directory``: its aside copy, lock file or a temporary directory."""
+    return directory.with_name(f".{directory.name}{marker}")
 
 
-def _temp_prefix(directory: Path) -> str:
-    return f".{directory.name}."
+def _is_own_temp(directory: Path, path: Path) -> bool:
+    prefix = f".{directory.name}{TEMP_MARKER}"
+    return path.name.startswith(prefix) and _TEMP_TOKEN.fullmatch(path.name[len(prefix):]) is not None
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold the exclusive lock of ``directory``'s checkpoint, waiting while another process holds it."""
+    path = _sibling(directory, LOCK_MARKER)
+    fd = _lock(path)
+    try:
+        yield
+    finally:
+        _unlink(path)  # while still locked: a waiter on this file sees it gone and locks a fresh one
+        if fd is not None:
+            os.close(fd)
+
+
+def _lock(path: Path) -> Optional[int]:
+    """An open descriptor of the lock file ``path``, exclusively locked; ``None`` where locks are unsupported."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fcntl is None:
+                raise OSError(errno.ENOSYS, "fcntl is not available")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException as err:
+            os.close(fd)
+            if not (isinstance(err, OSError) and err.errno in _NO_LOCKS):
+                raise
+            warnings.warn(f"cannot lock {str(path)!r} ({err}); saving unlocked: make sure only one process at a "
+                          "time saves this checkpoint", RuntimeWarning, stacklevel=6)
+            return None
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)  # the previous holder removed this file: lock the one now at the path
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (here.st_dev, here.st_ino)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _recover(directory: Path) -> Path:
     """Move an orphaned aside copy back when a crash interrupted a replacement; returns ``directory``."""
-    aside = _aside_path(directory)
-    if not directory.exists() and aside.is_dir():
-        os.rename(aside, directory)
-        _fsync_dir(directory.parent)
+    if directory.exists() or not _sibling(directory, ASIDE_MARKER).is_dir():
+        return directory
+    with _locked(directory):
+        _recover_locked(directory)
     return directory
 
 
-def _refuse_foreign(directory: Path) -> None:
-    if directory.is_dir() and any(directory.iterdir()) and not is_checkpoint(directory):
+def _recover_locked(directory: Path) -> None:
+    aside = _sibling(directory, ASIDE_MARKER)
+    if not directory.exists() and aside.is_dir():
+        os.rename(aside, directory)
+        _fsync_dir(directory.parent)
+
+
+def _refuse_to_replace(directory: Path) -> None:
+    """Raise ``CheckpointError`` unless ``directory`` is absent, empty or holds only a checkpoint's own files."""
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{str(directory)!r} is a file; choose a directory path for the checkpoint")
+    if not directory.is_dir() or not any(directory.iterdir()):
+        return
+    if not is_checkpoint(directory):
         raise CheckpointError(
             f"{str(directory)!r} exists and is not a ROSA checkpoint; refusing to replace it. "
             "Choose a new or empty directory."
         )
-    if directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"{str(directory)!r} is a file; choose a directory path for the checkpoint")
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir()
+                     if p.name not in (MANIFEST, *DATA_FILES))
+    if foreign:
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r} also holds {_listed(foreign)}, which saving would delete; refusing to "
+            "replace it. Move them out of the checkpoint directory, or save to another directory."
+        )
 
 
 def _remove_stale_temps(directory: Path) -> None:
-    """Delete temporary directories left by crashed saves of this checkpoint."""
-    for path in directory.parent.glob(f"{_temp_prefix(directory)}*.tmp"):
-        shutil.rmtree(path, ignore_errors=True)
+    """Delete temporary directories left by crashed saves of this checkpoint (only this one's)."""
+    for path in directory.parent.iterdir():
+        if _is_own_temp(directory, path):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_atomically(directory: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write`` into a temporary directory, then swap it in for ``directory``.
+    """Run ``write`` into a temporary directory, then swap it in for ``directory``, holding its lock.
 
     At every instant either the old or the new checkpoint is complete, at ``directory`` or at its
     aside path (``_recover`` moves that back).
     """
     directory.parent.mkdir(parents=True, exist_ok=True)
-    _recover(directory)
-    _remove_stale_temps(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(directory), suffix=".tmp", dir=directory.parent))
-    try:
-        write(tmp)
-        for path in tmp.iterdir():
-            _fsync_file(path)
-        _fsync_dir(tmp)
-        _swap_in(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _locked(directory):
+        _recover_locked(directory)
+        _refuse_to_replace(directory)
+        _remove_stale_temps(directory)
+        tmp = _sibling(directory, TEMP_MARKER + secrets.token_hex(8))
+        tmp.mkdir()
+        try:
+            write(tmp)
+            for path in tmp.iterdir():
+                _fsync_file(path)
+            _fsync_dir(tmp)
+            _swap_in(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _swap_in(tmp: Path, directory: Path) -> None:
-    aside = _aside_path(directory)
+    aside = _sibling(directory, ASIDE_MARKER)
     if directory.exists():
         shutil.rmtree(aside, ignore_errors=True)
         os.rename(directory, aside)
     os.rename(tmp, directory)
     _fsync_dir(directory.parent)
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:

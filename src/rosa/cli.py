@@ -7,6 +7,9 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from . import __version__
+
+EXTRA = "experiments"  # the optional dependencies (pyproject.toml) that every subcommand's runner needs
 # subcommand -> (module under rosa.experiments, one-line help)
 SUBCOMMANDS = {
     "synthetic": ("synthetic", "the paper's linear theory experiment: full FT vs LoRA vs ROSA"),
@@ -21,6 +24,7 @@ SUBCOMMANDS = {
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The argument parser; only ``command``'s runner is imported (the others are listed by name)."""
     parser = argparse.ArgumentParser(prog="rosa", description="ROSA: Random Subspace Adaptation experiments")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -31,12 +35,25 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+def missing_module_message(command: Optional[str], err: ModuleNotFoundError) -> str:
+    """One line for a subcommand that could not import a module: which one, and what installs it."""
+    if err.name is None:  # raised with its own message, e.g. a bundled model's package is missing
+        return f"rosa {command}: {err}"
+    return (
+        f"rosa {command}: the {err.name.partition('.')[0]!r} module is not installed; the experiment "
+        f"commands need the {EXTRA!r} extra: pip install 'rosa-peft[{EXTRA}]'"
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``rosa COMMAND [options]``; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
-    args.runner.main(args)
+    try:
+        args = build_parser(command).parse_args(argv)
+        args.runner.main(args)
+    except ModuleNotFoundError as err:  # an optional dependency of the runner is missing
+        raise SystemExit(missing_module_message(command, err)) from None
     return 0
 
 

@@ -23,7 +23,12 @@ def raise_if_non_finite(named: Iterable[tuple[str, torch.Tensor]], operation: st
 
     ``operation`` says what was refused (``"rosa.resample"``), ``fix`` what the user can do about it.
     """
-    bad = [(name, n) for name, tensor in named if (n := count_non_finite(tensor))]
+    raise_if_counted(((name, count_non_finite(tensor)) for name, tensor in named), operation, fix)
+
+
+def raise_if_counted(counts: Iterable[tuple[str, int]], operation: str, fix: str) -> None:
+    """As :func:`raise_if_non_finite`, from ``(name, number of non-finite entries)`` counted beforehand."""
+    bad = [(name, n) for name, n in counts if n]
     if not bad:
         return
     listed = ", ".join(f"{name} ({n} non-finite)" for name, n in bad[:10])

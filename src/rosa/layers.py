@@ -1,19 +1,24 @@
 """ROSA layers: a frozen base layer holding ``W_res`` plus trainable factors ``up @ down``.
 
 ``RosaLayer`` holds what every adapted layer type shares (factorize, merge, resample); a subclass
-says how its weight reads as an ``[out, in]`` matrix and how the low-rank path runs forward.
+says how its weight reads as an ``[out, in]`` matrix and how the low-rank path runs forward. Under
+FSDP2 the base weight and factors are sharded DTensors: the layer reads them whole through
+:func:`rosa.sharded.full` (collective) and writes each rank's shard through :func:`rosa.sharded.assign`.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from dataclasses import fields
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import sharded, subspace
+from .config import LayerSpec
+from .errors import raise_if_non_finite
 
 
 def conv1d_type() -> Optional[type]:
@@ -55,105 +60,209 @@ def resolve_rank(rank: int | float, out_features: int, in_features: int, name: s
     return rank
 
 
+def _spec_field(field: str) -> property:
+    return property(lambda layer: getattr(layer.spec, field), doc=f"``spec.{field}``, read-only.")
+
+
 class RosaLayer(nn.Module):
     """Shared state and lifecycle of a ROSA-adapted layer.
 
-    Subclasses implement ``dense_weight`` / ``set_dense_weight`` (the base weight as ``[out, in]``)
-    and ``forward``.
+    Subclasses implement ``dense_weight`` / ``to_base_layout`` (the base weight as ``[out, in]`` and
+    back), ``residual_forward`` and ``forward``.
     """
 
-    def __init__(
-        self,
-        base: nn.Module,
-        rank: int | float,
-        *,
-        name: str = "",
-        selection: str = "random",
-        seed: int = 0,
-        dropout: float = 0.0,
-        factor_dtype: Optional[torch.dtype] = None,
-        svd: str = "full",
-        singular_values: str = "split",
-        defer_factorize: bool = False,
-    ) -> None:
+    def __init__(self, base: nn.Module, spec: LayerSpec | int | float, *, name: str = "",
+                 defer_factorize: bool = False, **settings: Any) -> None:
+        """Adapt ``base`` as ``spec`` says: a :class:`LayerSpec`, or a rank with the other
+        :class:`LayerSpec` fields as keywords (``selection``, ``seed``, ``dropout``, ...)."""
         super().__init__()
+        if not isinstance(spec, LayerSpec):
+            spec = LayerSpec(spec, **settings)
+        elif settings:
+            raise TypeError(f"pass the settings in the LayerSpec, not also as keywords: {', '.join(settings)}")
         check_weight(base.weight, name)
         self.check_variant(base, name)
         self.base = base
         out_features, in_features = self.dense_weight().shape
         self.name = name
-        self.rank = resolve_rank(rank, out_features, in_features, name)
-        self.selection = selection
-        self.seed = seed
-        self.svd = svd
-        self.singular_values = singular_values
-        self.resample_count = 0
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        base.weight.requires_grad_(False)
+        self.spec = spec
+        self.rank = resolve_rank(spec.rank, out_features, in_features, name)
+        # the resample count fixes the next subspace draw, so it travels with state_dict()
+        self.register_buffer("resamples", torch.zeros((), dtype=torch.int64, device=base.weight.device))
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         weight = base.weight
-        dtype = factor_dtype or weight.dtype
+        self.weight_dtype = weight.dtype  # what the plain layer computes in, and what merge returns
+        self.residual_dtype = spec.residual_dtype or weight.dtype
+        dtype = spec.factor_dtype or weight.dtype
         self.up = nn.Parameter(torch.zeros(out_features, self.rank, dtype=dtype, device=weight.device))
         self.down = nn.Parameter(torch.zeros(self.rank, in_features, dtype=dtype, device=weight.device))
-        if not defer_factorize:  # deferred: zero factors (the base function) until a batched factorize
+        self.register_load_state_dict_pre_hook(_refuse_plain_layer_state)
+        if not defer_factorize:  # deferred: zero factors and an untouched base until a batched factorize
             self.factorize()
+
+    selection = _spec_field("selection")
+    seed = _spec_field("seed")
+    svd = _spec_field("svd")
+    singular_values = _spec_field("singular_values")
 
     @classmethod
     def check_variant(cls, base: nn.Module, name: str) -> None:
         """Raise ``ValueError`` naming the layer if this configuration of its type cannot be adapted."""
 
+    @property
+    def resample_count(self) -> int:
+        """How many resamples this layer has had (the persistent buffer ``resamples``)."""
+        return int(self.resamples)
+
+    @resample_count.setter
+    def resample_count(self, value: int) -> None:
+        self.resamples.fill_(value)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        """As ``nn.Module._apply``; a dtype conversion (``.double()``, ``.to(dtype)``) also converts
+        the dtypes the layer computes in and keeps its residual in."""
+        self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
+        self.residual_dtype = fn(torch.empty(0, dtype=self.residual_dtype)).dtype
+        return super()._apply(fn, recurse)
+
     # -- the weight as an [out, in] matrix -------------------------------------------------------
     def dense_weight(self) -> torch.Tensor:
-        """The base weight viewed as ``[out, in]`` (all-gathered when it is sharded, see :mod:`rosa.sharded`)."""
+        """The base weight viewed as ``[out, in]`` (all-gathered when it is sharded)."""
+        raise NotImplementedError
+
+    @property
+    def dense_shape(self) -> tuple[int, int]:
+        """``(out, in)`` of :meth:`dense_weight`, read without gathering a sharded weight."""
+        return self.up.shape[0], self.down.shape[1]
+
+    def to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """An ``[out, in]`` matrix (a temporary, which this may overwrite) in the base weight's layout."""
         raise NotImplementedError
 
     def set_dense_weight(self, weight: torch.Tensor) -> None:
-        """Write an ``[out, in]`` matrix into the base weight (in the base weight's dtype; each rank's shard when sharded)."""
+        """Write an ``[out, in]`` matrix (a temporary) into the base weight, in the base weight's dtype
+        (each rank's shard when it is sharded)."""
+        sharded.assign(self.base.weight, self.to_base_layout(weight))
+
+    def residual_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output computed with its weight's own dtype (a float32 residual), in any dtype."""
         raise NotImplementedError
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer (``W_res`` and bias) on ``x``; a residual kept in float32 under a lower-precision
+        layer computes in float32 and returns the layer's own dtype."""
+        if self.base.weight.dtype == self.weight_dtype:
+            return self.base(x)
+        return self.residual_forward(x).to(self.weight_dtype)
+
     # -- lifecycle -------------------------------------------------------------------------------
-    def subspace_generator(self) -> torch.Generator:
-        """The generator of this layer's current index set: depends on (seed, name, resample count) only."""
-        return subspace.layer_generator(self.seed, self.name, self.resample_count)
+    def subspace_generator(self, resample_count: Optional[int] = None) -> torch.Generator:
+        """The generator of the index set drawn after ``resample_count`` resamples (default: the current one).
+
+        Depends on (seed, name, resample count) only.
+        """
+        count = self.resample_count if resample_count is None else resample_count
+        return subspace.layer_generator(self.seed, self.name, count)
+
+    def named_state(self, name: str) -> list[tuple[str, torch.Tensor]]:
+        """The tensors a fold reads, labelled for error messages: ``up``, ``down`` and the residual,
+        whole (all-gathered when sharded, so every rank sees the same values)."""
+        return [(f"{name}.up", sharded.full(self.up)), (f"{name}.down", sharded.full(self.down)),
+                (f"{name} residual", sharded.full(self.base.weight))]
 
     @torch.no_grad()
+    def write_source(self, out: torch.Tensor, fold: bool) -> torch.Tensor:
+        """Write into float32 ``out [out, in]`` the weight a factorization splits, and return it.
+
+        ``W_res`` (a first factorization), or ``W_res + up @ down`` when ``fold`` (a resample). Nothing
+        in the layer changes: the fold happens in float32, outside the base weight. A residual kept
+        in bfloat16/float16 has the folded weight rounded to that dtype (the weight ``rosa.merge``
+        would return): the model's own grid pulls rounding errors back, which measured 1.5x less
+        drift over many resamples than keeping the float32 fold.
+        """
+        out.copy_(self.dense_weight())
+        if fold:
+            out.addmm_(sharded.full(self.up).float(), sharded.full(self.down).float())
+            if self.residual_dtype.itemsize < 4:
+                out.copy_(out.to(self.residual_dtype))
+        return out
+
+    def source_weight(self, fold: bool) -> torch.Tensor:
+        """:meth:`write_source` into a new float32 tensor."""
+        out = torch.empty(self.dense_shape, dtype=torch.float32, device=self.up.device)
+        return self.write_source(out, fold)
+
+    @torch.no_grad()
+    def draw(self, fold: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """New factors ``(up, down)`` in the factors' dtype, for the next subspace (``fold``: after a
+        resample); nothing in the layer changes. Install them with :meth:`install`."""
+        count = self.resample_count + int(fold)
+        up, down, _ = subspace.factorize_group(self.source_weight(fold)[None], self.rank, self.selection,
+                                               [self.subspace_generator(count)], self.svd, self.singular_values)
+        return up[0].to(self.up.dtype), down[0].to(self.down.dtype)
+
+    @torch.no_grad()
+    def install(self, up: torch.Tensor, down: torch.Tensor, fold: bool) -> None:
+        """Make ``up``/``down`` (from :meth:`draw` or a batched equivalent, same ``fold``) the factors.
+
+        The residual becomes the float32 source weight minus ``up @ down`` of the factors as stored,
+        rounded once into the residual's dtype. ``fold`` also counts the resample.
+        """
+        residual = self.source_weight(fold).addmm_(up.float(), down.float(), alpha=-1)  # [out, in]
+        self.load_factors(up, down, residual)
+        if fold:
+            self.resample_count += 1
+
     def factorize(self) -> None:
         """Move a fresh subspace of the base weight into the factors; the layer's function is unchanged."""
-        factors = subspace.factorize(self.dense_weight(), self.rank, self.selection, self.subspace_generator(),
-                                     self.svd, self.singular_values)
-        self.load_factors(*factors)
+        self.install(*self.draw(fold=False), fold=False)
+
+    def resample(self) -> None:
+        """Fold the factors into the weight (in float32) and factorize a newly drawn subspace.
+
+        Raises :class:`rosa.NonFiniteError` and changes nothing if a factor or the residual holds NaN or Inf.
+        """
+        raise_if_non_finite(self.named_state(self.name), "resample", "Restore the last good checkpoint.")
+        self.install(*self.draw(fold=True), fold=True)
 
     @torch.no_grad()
     def load_factors(self, up: torch.Tensor, down: torch.Tensor, residual: torch.Tensor) -> None:
-        """Install a factorization of the current base weight: ``residual [out, in]`` into the base, the factors into ``up``/``down``."""
+        """Install a factorization: ``residual [out, in]`` into the (frozen) base weight, stored in
+        the residual dtype, and the factors into ``up``/``down``."""
+        self._retype_weight(self.residual_dtype)
         self.set_dense_weight(residual)
         sharded.assign(self.up, up)
         sharded.assign(self.down, down)
 
+    def _retype_weight(self, dtype: torch.dtype) -> None:
+        """Store the base weight in ``dtype`` (a new frozen Parameter, values converted); no-op if it already is."""
+        if self.base.weight.dtype != dtype:
+            self.base.weight = nn.Parameter(self.base.weight.detach().to(dtype), requires_grad=False)
+        self.base.weight.requires_grad_(False)
+
     @torch.no_grad()
     def fold(self) -> None:
-        """Add ``up @ down`` into the base weight and zero the factors; the function is unchanged."""
-        self.set_dense_weight(subspace.merged_weight(self.dense_weight(), sharded.full(self.up), sharded.full(self.down)))
+        """Add ``up @ down`` into the base weight (in float32, rounded once) and zero the factors."""
+        self.set_dense_weight(self.source_weight(fold=True))
         self.up.zero_()
         self.down.zero_()
 
-    def resample(self, defer_factorize: bool = False) -> None:
-        """Fold the factors into the base weight, then factorize a newly drawn subspace.
-
-        ``defer_factorize=True`` stops after the fold (zero factors), for a batched factorize of many layers.
-        """
-        self.fold()
-        self.resample_count += 1
-        if not defer_factorize:
-            self.factorize()
+    @torch.no_grad()
+    def merged_base_weight(self) -> torch.Tensor:
+        """The base layer's weight as :meth:`merge` leaves it (its layout, its original dtype), as a
+        new tensor; the layer is unchanged."""
+        return self.to_base_layout(self.source_weight(fold=True)).to(self.weight_dtype)
 
     def merge(self) -> nn.Module:
-        """Fold the factors in and return the plain base layer (this wrapper must not be used again)."""
-        self.fold()
+        """Fold the factors in and return the plain base layer, its weight back in its original dtype
+        (this wrapper must not be used again)."""
+        merged = self.merged_base_weight()
+        self._retype_weight(self.weight_dtype)
+        with torch.no_grad():
+            sharded.assign(self.base.weight, merged)
+            self.up.zero_()
+            self.down.zero_()
         return self.base
-
-    def delta_weight(self) -> torch.Tensor:
-        """The current adapter contribution ``up @ down`` as ``[out, in]`` (float32)."""
-        return sharded.full(self.up).float() @ sharded.full(self.down).float()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -166,8 +275,21 @@ class RosaLayer(nn.Module):
         return self.base.bias
 
     def extra_repr(self) -> str:
-        return (f"name={self.name!r}, rank={self.rank}, selection={self.selection}, "
-                f"singular_values={self.singular_values}, resamples={self.resample_count}")
+        """Name, resolved rank, the settings that differ from :class:`LayerSpec`'s defaults, and resample count."""
+        changed = [f"{f.name}={getattr(self.spec, f.name)}" for f in fields(LayerSpec)
+                   if f.name != "rank" and getattr(self.spec, f.name) != f.default]
+        return ", ".join([f"name={self.name!r}", f"rank={self.rank}", *changed, f"resamples={self.resample_count}"])
+
+
+def _refuse_plain_layer_state(layer: RosaLayer, state_dict: dict, prefix: str, *_: object) -> None:
+    """Refuse a state dict that holds this layer as a plain layer: loading it would silently keep the current
+    residual and factors."""
+    if f"{prefix}weight" in state_dict and f"{prefix}base.weight" not in state_dict:
+        raise ValueError(
+            f"the state dict holds layer {prefix[:-1]!r} as a plain layer (a merged model, as save_pretrained of "
+            "a wrapped model writes it), which cannot restore a ROSA layer. Load it into a model that is not wrapped; "
+            "to resume a Trainer run, train with rosa.integrations.RosaCallback, whose checkpoints keep the ROSA state"
+        )
 
 
 class RosaLinear(RosaLayer):
@@ -185,11 +307,15 @@ class RosaLinear(RosaLayer):
         weight = sharded.full(self.base.weight)
         return weight.T if self.transposed else weight
 
-    def set_dense_weight(self, weight: torch.Tensor) -> None:
-        sharded.assign(self.base.weight, weight.T if self.transposed else weight)
+    def to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.transposed else weight
+
+    def residual_forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.dense_weight(), self.base.bias
+        return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)  # [..., out]
+        result = self.base_forward(x)  # [..., out]
         h = F.linear(self.dropout(x).to(self.down.dtype), self.down)  # [..., R]
         return result + F.linear(h, self.up).to(result.dtype)  # [..., out]
 
@@ -208,12 +334,16 @@ class RosaConv2d(RosaLayer):
     def dense_weight(self) -> torch.Tensor:
         return sharded.full(self.base.weight).flatten(1)  # [out, in/groups*kh*kw]
 
-    def set_dense_weight(self, weight: torch.Tensor) -> None:
-        sharded.assign(self.base.weight, weight.reshape(self.base.weight.shape))
+    def to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(self.base.weight.shape)
+
+    def residual_forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.base.weight, self.base.bias
+        return self.base._conv_forward(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base
-        result = base(x)  # [B, out, H', W']
+        result = self.base_forward(x)  # [B, out, H', W']
         down = self.down.view(self.rank, -1, *base.kernel_size)  # [R, in/groups, kh, kw]
         down = down.repeat(base.groups, 1, 1, 1)  # [groups*R, in/groups, kh, kw], shared by every group
         # base's own convolution with the down kernel: same stride, padding, dilation, padding mode, groups
@@ -252,13 +382,12 @@ class RosaEmbedding(RosaLayer):
     def dense_weight(self) -> torch.Tensor:
         return sharded.full(self.base.weight)  # [num_embeddings, dim]
 
-    def set_dense_weight(self, weight: torch.Tensor) -> None:
-        """Write every row but the padding row, which keeps its original value exactly."""
+    def to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` with the padding row overwritten by the table's, which so keeps its original value exactly."""
         padding_idx = self.base.padding_idx
         if padding_idx is not None:
-            weight = weight.clone()
             weight[padding_idx] = self.dense_weight()[padding_idx]
-        sharded.assign(self.base.weight, weight)
+        return weight
 
     @torch.no_grad()
     def load_factors(self, up: torch.Tensor, down: torch.Tensor, residual: torch.Tensor) -> None:
@@ -268,62 +397,14 @@ class RosaEmbedding(RosaLayer):
             up[self.base.padding_idx] = 0
         super().load_factors(up, down, residual)
 
+    def residual_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.base.weight, self.base.padding_idx)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         base = self.base
-        result = base(ids)  # [..., dim]
+        result = self.base_forward(ids)  # [..., dim]
         h = F.embedding(ids, self.up, base.padding_idx)  # [..., R]; padding_idx: no gradient to that (zero) row
         return result + (h @ self.down).to(result.dtype)  # [..., dim]
-
-
-def check_untied(model: nn.Module, name: str) -> None:
-    """Raise ``ValueError`` naming both modules if module ``name`` shares its weight with another.
-
-    Covers a module reachable under two names, a weight Parameter shared by two modules (e.g.
-    ``lm_head.weight is embed_tokens.weight``), and Hugging Face models whose
-    ``config.tie_word_embeddings`` ties the input and output embeddings. Adapting one side would
-    silently untie them, or leave the other side computing with ``W_res``.
-    """
-    module = model.get_submodule(name)
-    weight = module.weight
-    for other_name, other in model.named_modules(remove_duplicate=False):
-        if other_name != name and (other is module or getattr(other, "weight", None) is weight):
-            raise ValueError(
-                f"layer {name!r} shares its weight with {other_name!r} (tied weights); adapting it would untie "
-                f"them. Leave {name!r} out of RosaConfig.target_modules (or add it to exclude_modules), or untie the "
-                "weights first"
-            )
-    pair = tied_embeddings(model)
-    if pair is not None and name in pair:
-        raise ValueError(
-            f"layer {name!r} is one of the tied input/output embeddings {pair[0]!r} and {pair[1]!r} "
-            "(config.tie_word_embeddings=True); adapting it would untie them. Leave it out of RosaConfig.target_modules "
-            "(or add it to exclude_modules), or untie the model first (separate weights, tie_word_embeddings=False)"
-        )
-
-
-def tied_embeddings(model: nn.Module) -> Optional[tuple[str, str]]:
-    """Names of the input and output embeddings that a Hugging Face config ties, or ``None``."""
-    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        return None
-    try:
-        pair = (model.get_input_embeddings(), model.get_output_embeddings())
-    except (AttributeError, NotImplementedError):  # not a Hugging Face model, or one without word embeddings
-        return None
-    names = {id(m): n for n, m in model.named_modules()}
-    if any(id(m) not in names for m in pair):
-        return None
-    return names[id(pair[0])], names[id(pair[1])]
-
-
-def check_adaptable(model: nn.Module, name: str) -> None:
-    """Raise ``ValueError`` naming the layer if ROSA cannot adapt module ``name`` of ``model``.
-
-    Checks the layer type's unsupported variants (e.g. an embedding with ``max_norm``) and tied
-    weights; the weight itself is checked by :func:`check_weight`.
-    """
-    module = model.get_submodule(name)
-    layer_class_for(module).check_variant(module, name)
-    check_untied(model, name)
 
 
 def is_supported(module: nn.Module) -> bool:

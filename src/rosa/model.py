@@ -1,25 +1,34 @@
-"""Module surgery over a whole model: wrap, resample, merge and parameter reports.
+"""Module surgery over a whole model: wrap, resample, merge, merged saves and parameter reports.
 
 No linear algebra lives here: the layers own the math.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from functools import partial
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
-from . import presets, sharded, subspace
-from .config import Patterns, RosaConfig, matches
-from .distributed import check_wrappers
-from .layers import SUPPORTED_TYPES, RosaLayer, check_adaptable, check_weight, is_supported, layer_class_for
-from .schedule import reset_optimizer_state
+from . import sharded, subspace
+from .config import RosaConfig
+from .errors import count_non_finite, raise_if_counted, raise_if_non_finite
+from .layers import RosaLayer, layer_class_for
+from .optimizer_state import check_optimizer, reset_optimizer_state
+from .ranks import check_same_on_ranks
+from .targets import check_targets, find_modules_to_save, find_targets
+from .wrappers import check_wrappers
 
 CONFIG_ATTR = "rosa_config"
+SAVE_ATTR = "save_pretrained"  # a Hugging Face model's method that wrap overrides on the instance
+EXACT_SAVE_ATTR = "rosa_exact_save"  # set while save_pretrained must write the exact ROSA state
 # Most float32 weight bytes stacked into one batched SVD: bounds the extra memory of wrap and resample.
 GROUP_BYTES = 2**28
+NON_FINITE_FIX = ("A training step diverged (e.g. too high a learning rate, or fp16 overflow): restore the last "
+                  "good checkpoint and lower the learning rate or clip gradients.")
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -28,62 +37,24 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _no_match_error(field: str, patterns: Patterns, names: list[str]) -> ValueError:
-    sample = ", ".join(repr(n) for n in names[:8]) or "(none)"
-    more = f" ... ({len(names)} in all)" if len(names) > 8 else ""
-    return ValueError(
-        f"RosaConfig.{field}={patterns!r} matches no module of this model. "
-        f"Some module names that exist: {sample}{more}"
-    )
+def _wrap_fingerprint(config: RosaConfig, names: list[str]) -> str:
+    return json.dumps({"config": config.to_dict(), "targets": names}, sort_keys=True, default=str)
 
 
-def find_targets(model: nn.Module, config: RosaConfig) -> list[tuple[str, nn.Module]]:
-    """The ``(name, module)`` pairs that ``config`` adapts, in model order.
-
-    Raises ``ValueError`` when an explicit pattern matches nothing, or names an unsupported layer.
-    """
-    named = [(n, m) for n, m in model.named_modules() if n]
-    supported = [(n, m) for n, m in named if is_supported(m)]
-    patterns = config.target_modules
-    preset = presets.preset_targets(model) if patterns is None else None
-    if patterns is None and preset is None:
-        # Embeddings are adapted only when named: they are often tied to the output head.
-        targets = [
-            (n, m) for n, m in supported if not presets.is_head(model, n, m) and not isinstance(m, nn.Embedding)
-        ]
-        presets.log_fallback(model, len(targets))
-    else:
-        wanted = patterns if patterns is not None else preset
-        matched = [(n, m) for n, m in named if matches(n, wanted)]
-        if not matched:
-            raise _no_match_error("target_modules", wanted, [n for n, _ in supported] or [n for n, _ in named])
-        targets = [(n, m) for n, m in matched if is_supported(m)]
-        if not targets:
-            name, module = matched[0]
-            raise ValueError(
-                f"RosaConfig.target_modules={wanted!r} matches only layers ROSA cannot adapt, e.g. {name!r} "
-                f"({type(module).__name__}); supported: {SUPPORTED_TYPES}"
-            )
-    targets = [(n, m) for n, m in targets if not matches(n, config.exclude_modules)]
-    if not targets:
-        raise ValueError("RosaConfig.exclude_modules excludes every target layer; nothing would be trained")
-    return targets
+def _resample_fingerprint(layers: dict[str, RosaLayer]) -> str:
+    settings = [(layer.name, layer.dense_shape, layer.rank, layer.spec.to_dict(), str(layer.up.dtype),
+                 str(layer.residual_dtype), layer.resample_count) for layer in layers.values()]
+    return json.dumps(settings)
 
 
-def _find_saved(model: nn.Module, config: RosaConfig) -> list[nn.Module]:
-    if config.modules_to_save is None:
-        return []
-    named = [(n, m) for n, m in model.named_modules() if n]
-    saved = [m for n, m in named if matches(n, config.modules_to_save)]
-    if not saved:
-        raise _no_match_error("modules_to_save", config.modules_to_save, [n for n, _ in named])
-    return saved
-
-
-def wrap(model: nn.Module, config: RosaConfig) -> nn.Module:
+def wrap(model: nn.Module, config: RosaConfig, *, check_ranks: bool = True) -> nn.Module:
     """Freeze ``model`` and replace its target layers with ROSA layers, in place; returns ``model``.
 
-    Everything is validated first (config, targets, weights), so an error leaves the model untouched.
+    Everything is validated and every layer factorized first (config, targets, weights, SVDs), so an
+    error leaves the model untouched. When ``torch.distributed`` is initialized and ``check_ranks``
+    is true, every rank must call ``wrap`` with the same config and targeted layers (one all-gather
+    of a hash; a ``RuntimeError`` names the ranks that differ); pass ``check_ranks=False`` to wrap
+    on some ranks only.
     """
     if not isinstance(config, RosaConfig):
         raise TypeError(f"config must be a rosa.RosaConfig, got {type(config).__name__}")
@@ -92,33 +63,26 @@ def wrap(model: nn.Module, config: RosaConfig) -> nn.Module:
     if rosa_layers(model):
         raise ValueError("model already has ROSA layers; call rosa.merge(model) before wrapping again")
     targets = find_targets(model, config)
-    saved = _find_saved(model, config)
-    for name, module in targets:
-        check_weight(module.weight, name)
-        check_adaptable(model, name)
+    saved = find_modules_to_save(model, config)
+    check_targets(model, targets)
+    if check_ranks:
+        check_same_on_ranks(_wrap_fingerprint(config, [n for n, _ in targets]), "rosa.wrap",
+                            "RosaConfig or set of target layers")
 
+    spec = config.layer_spec()
+    layers = {name: layer_class_for(module)(module, spec, name=name, defer_factorize=True) for name, module in targets}
+    factorize_layers(layers.values())
     for param in model.parameters():
         param.requires_grad_(False)
-    for name, module in targets:
-        layer = layer_class_for(module)(
-            module,
-            config.rank,
-            name=name,
-            selection=config.selection,
-            seed=config.seed,
-            dropout=config.dropout,
-            factor_dtype=config.factor_torch_dtype,
-            svd=config.svd,
-            singular_values=config.singular_values,
-            defer_factorize=True,
-        )
-        if config.train_bias and module.bias is not None:
-            module.bias.requires_grad_(True)
+    for name, layer in layers.items():
+        if config.train_bias and layer.base.bias is not None:
+            layer.base.bias.requires_grad_(True)
         _set_submodule(model, name, layer)
-    factorize_layers(rosa_layers(model).values())
     for module in saved:
         module.requires_grad_(True)
     setattr(model, CONFIG_ATTR, config)
+    if callable(getattr(type(model), SAVE_ATTR, None)):
+        setattr(model, SAVE_ATTR, MergedSavePretrained(model))
     return model
 
 
@@ -132,49 +96,88 @@ def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in rosa_layers(model).values() for p in (layer.up, layer.down)]
 
 
-def resample(model: nn.Module, optimizer: Optional[Any] = None, *, split_svd: Optional[bool] = None) -> int:
-    """Merge every ROSA layer, draw a new subspace, and clear the factors' optimizer state.
+def resample(model: nn.Module, optimizer: Optional[Any] = None, *, check_ranks: bool = True,
+             split_svd: Optional[bool] = None) -> int:
+    """Fold every ROSA layer's factors into its weight, draw a new subspace, and clear the factors' optimizer state.
+
+    All or nothing: every check runs and every layer's new factors are computed before any layer
+    changes, so an error (a :class:`rosa.NonFiniteError` naming the layers whose factors or residual
+    hold NaN/Inf, a failed SVD, a bad optimizer) leaves every weight, factor, resample count and the
+    optimizer state as they were. Extra memory: see :func:`factorize_layers`. ``optimizer`` must hold
+    the factors (build it after ``wrap``).
+
+    When ``torch.distributed`` is initialized and ``check_ranks`` is true, the ranks first compare
+    their layers' names, shapes, settings and resample counts (one all-gather of a hash; a
+    ``RuntimeError`` names the ranks that differ); ``check_ranks=False`` skips that, to resample a
+    model on some ranks only. ``split_svd`` (default: on when ``check_ranks`` is and the default
+    process group has 2+ ranks) computes each SVD chunk on one rank, round robin, and broadcasts its
+    result, so every rank must call resample; the ranks are then always compared first. Under FSDP2
+    (``fully_shard``) every rank must call resample too: each layer is all-gathered, NaN/Inf is
+    checked on the gathered tensors (so every rank raises the same error), and the new residual and
+    factors are written into each rank's shard.
 
     Parameter objects keep their identity, so optimizers, schedulers, DDP and FSDP2 keep working.
-    Under FSDP2 each layer is gathered, refactorized and written back into each rank's shard.
-    ``split_svd`` (default: on when the default process group has 2+ ranks) computes each group's
-    SVD on one rank and broadcasts it (:func:`rosa.sharded.round_robin`); then every rank must call
-    resample. Returns the number of layers resampled.
+    Returns the number of layers resampled.
     """
     check_wrappers(model, "resample")
     layers = rosa_layers(model)
     if not layers:
         raise ValueError("model has no ROSA layers; call rosa.wrap(model, config) first")
-    split = sharded.split_enabled(split_svd)
-    if split:
-        sharded.check_same_work([(name, tuple(layer.up.shape), tuple(layer.down.shape)) for name, layer in layers.items()])
+    if optimizer is not None:
+        check_optimizer(optimizer, factor_parameters(model))
+    split = sharded.split_enabled(split_svd, default=check_ranks)
+    if check_ranks or split:
+        check_same_on_ranks(_resample_fingerprint(layers), "rosa.resample", "ROSA layer settings or resample counts")
     sharded.reshard(model)
-    for layer in layers.values():
-        layer.resample(defer_factorize=True)
-    factorize_layers(layers.values(), split)
+    raise_if_non_finite(_named_state(layers), "rosa.resample", NON_FINITE_FIX)
+    factorize_layers(layers.values(), fold=True, split=split)
     if optimizer is not None:
         reset_optimizer_state(optimizer, factor_parameters(model))
     return len(layers)
 
 
-def factorize_layers(layers: Iterable[RosaLayer], split: bool = False) -> None:
-    """Factorize ``layers`` with one batched SVD per group of equal weight shape, device and settings.
+def _named_state(layers: dict[str, RosaLayer]) -> Iterable[tuple[str, torch.Tensor]]:
+    return (item for name, layer in layers.items() for item in layer.named_state(name))
 
-    Same result as ``layer.factorize()`` on each. Groups run one after another, and a group with more
-    than ``GROUP_BYTES`` of float32 weights is cut into chunks, so extra memory stays near one chunk's SVD
-    (two chunks' results with ``split``, which computes each chunk on one rank and broadcasts it).
+
+def factorize_layers(layers: Iterable[RosaLayer], fold: bool = False, split: bool = False) -> None:
+    """Factorize ``layers`` (``fold``: resample them) all or nothing, batching equal shapes and settings.
+
+    Same result as ``layer.factorize()`` (``layer.resample()``) on each. First every layer's new
+    factors are drawn, one batched SVD per group of equal weight shape, device and settings, a group
+    with more than ``GROUP_BYTES`` of float32 weights cut into chunks; the folded weights, the factors
+    and the new residuals are checked for NaN/Inf. Only then does any layer change: each installs its
+    factors and recomputes its residual in float32 (into each rank's shard under FSDP2). ``split``
+    (collective) computes each chunk on one rank, round robin (:func:`rosa.sharded.round_robin`), and
+    broadcasts its factors and NaN/Inf counts, so every rank installs the same factors or raises the
+    same error.
+
+    Extra memory, per rank and sharded or not: one chunk's full float32 weights and its SVD (about 4x
+    those weights; with ``split``, a round of one chunk per rank is gathered one chunk at a time and
+    only this rank's kept, plus two chunks' factors in flight), and one full copy of every layer's new
+    factors, which must all exist before the first layer changes; then one layer's full float32 weight
+    and factors at a time.
     """
-    chunks = _factorize_chunks(layers)
-    for chunk, factors in sharded.round_robin(chunks, _chunk_weights, _factorize_weights, _empty_factors, split):
-        _load_chunk(chunk, factors)
-        del factors  # before the next chunk is computed
+    operation = "rosa.resample" if fold else "rosa.wrap"
+    drawn = []
+    for chunk, (ups, downs, counts) in sharded.round_robin(
+        _factorize_chunks(layers), partial(_chunk_source, fold=fold, operation=operation),
+        partial(_draw_chunk, fold=fold), _empty_draw, split,
+    ):
+        raise_if_counted(((f"{layer.name}.{part}", int(n)) for layer, row in zip(chunk, counts)
+                          for part, n in zip(("up", "down", "residual"), row)), operation,
+                         "The new factors or residual overflow their dtype: use factor_dtype='float32' or "
+                         "residual_dtype='float32'.")
+        drawn += [(layer, up.to(layer.up.dtype), down.to(layer.down.dtype))
+                  for layer, up, down in zip(chunk, ups, downs)]
+    for layer, up, down in drawn:
+        layer.install(up, down, fold)
 
 
 def _factorize_chunks(layers: Iterable[RosaLayer]) -> list[list[RosaLayer]]:
     groups: dict[tuple, list[RosaLayer]] = {}
     for layer in layers:
-        shape = (layer.up.shape[0], layer.down.shape[1])  # the [out, in] weight's, read without gathering it
-        key = (shape, layer.up.device, layer.rank, layer.selection, layer.svd, layer.singular_values)
+        key = (layer.dense_shape, layer.up.device, layer.rank, layer.spec)
         groups.setdefault(key, []).append(layer)
     chunks = []
     for (shape, *_), members in groups.items():
@@ -184,42 +187,109 @@ def _factorize_chunks(layers: Iterable[RosaLayer]) -> list[list[RosaLayer]]:
 
 
 @torch.no_grad()
-def _chunk_weights(layers: list[RosaLayer]) -> tuple:
-    return layers, [layer.dense_weight() for layer in layers]
+def _chunk_source(layers: list[RosaLayer], fold: bool, operation: str) -> tuple[list[RosaLayer], torch.Tensor]:
+    """A chunk's layers and their float32 source weights ``[G, out, in]``; raises if a folded weight is non-finite."""
+    stack = torch.empty(len(layers), *layers[0].dense_shape, dtype=torch.float32, device=layers[0].up.device)
+    for row, layer in zip(stack, layers):
+        layer.write_source(row, fold)
+    raise_if_non_finite(((f"{layer.name} folded weight", row) for layer, row in zip(layers, stack)),
+                        operation, "The folded weight overflows float32.")
+    return layers, stack
 
 
 @torch.no_grad()
-def _factorize_weights(chunk: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    layers, weights = chunk
+def _draw_chunk(source: tuple[list[RosaLayer], torch.Tensor], fold: bool) -> tuple[torch.Tensor, ...]:
+    """A chunk's new float32 factors ``up [G, out, R]``, ``down [G, R, in]`` and ``[G, 3]`` counts of the
+    non-finite entries of each layer's up, down and residual, in their dtypes."""
+    layers, stack = source
     first = layers[0]
-    generators = [layer.subspace_generator() for layer in layers]
-    return subspace.factorize_group(weights, first.rank, first.selection, generators, first.svd,
-                                    first.singular_values)
+    generators = [layer.subspace_generator(layer.resample_count + int(fold)) for layer in layers]
+    ups, downs, residuals = subspace.factorize_group(stack, first.rank, first.selection, generators, first.svd,
+                                                     first.singular_values)
+    counts = torch.tensor([[count_non_finite(up.to(layer.up.dtype)), count_non_finite(down.to(layer.down.dtype)),
+                            count_non_finite(residual.to(layer.residual_dtype))]
+                           for layer, up, down, residual in zip(layers, ups, downs, residuals)], device=stack.device)
+    return ups.contiguous(), downs.contiguous(), counts
 
 
-@torch.no_grad()
-def _load_chunk(layers: list[RosaLayer], factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-    for layer, up, down, residual in zip(layers, *factors):
-        layer.load_factors(up, down, residual)
-
-
-def _empty_factors(layers: list[RosaLayer]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Buffers for a chunk's ``(up [G, out, R], down [G, R, in], residual [G, out, in])`` as factorize_group returns them."""
-    (out, rank), (_, cols), g = layers[0].up.shape, layers[0].down.shape, len(layers)
-    device = layers[0].up.device
-    return tuple(torch.empty(*shape, dtype=torch.float32, device=device) for shape in
-                 ((g, out, rank), (g, rank, cols), (g, out, cols)))
+def _empty_draw(layers: list[RosaLayer]) -> tuple[torch.Tensor, ...]:
+    """Buffers shaped as :func:`_draw_chunk`'s result for ``layers``."""
+    (out, cols), rank, device = layers[0].dense_shape, layers[0].rank, layers[0].up.device
+    return (torch.empty(len(layers), out, rank, device=device), torch.empty(len(layers), rank, cols, device=device),
+            torch.empty(len(layers), 3, dtype=torch.int64, device=device))
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every ROSA layer into a plain layer of its original type, in place; returns ``model``."""
+    """Fold every ROSA layer into a plain layer of its original type and dtype, in place; returns ``model``.
+
+    Under FSDP2 every rank must call it: each layer is all-gathered, folded, and written back into
+    each rank's shard, so ``get_model_state_dict(..., full_state_dict=True)`` then holds the plain model.
+
+    Raises :class:`rosa.NonFiniteError`, changing nothing, if a factor or residual holds NaN or Inf.
+    """
     check_wrappers(model, "merge")
     sharded.reshard(model)
-    for name, layer in rosa_layers(model).items():
+    layers = rosa_layers(model)
+    raise_if_non_finite(_named_state(layers), "rosa.merge", NON_FINITE_FIX)
+    for name, layer in layers.items():
         _set_submodule(model, name, layer.merge())
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    for attr in (CONFIG_ATTR, EXACT_SAVE_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if isinstance(vars(model).get(SAVE_ATTR), MergedSavePretrained):
+        delattr(model, SAVE_ATTR)
     return model
+
+
+def merged_state_dict(model: nn.Module, state: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """The state dict ``rosa.merge(model)`` would have, computed without changing ``model``.
+
+    ``state`` (default ``model.state_dict()``) with each ROSA layer's entries replaced by its base
+    layer's: ``weight`` the merged weight (new tensors: one copy of the adapted weights), ``bias``
+    as it is; the factors and resample counts dropped. Raises :class:`rosa.NonFiniteError` if a
+    factor or residual holds NaN or Inf.
+    """
+    state = model.state_dict() if state is None else state
+    layers = rosa_layers(model)
+    raise_if_non_finite(_named_state(layers), "saving the merged model", NON_FINITE_FIX)
+    merged = {}
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        layer_name, _, base = owner.rpartition(".")
+        if owner in layers:  # up, down, resamples
+            continue
+        if base == "base" and layer_name in layers:
+            layer = layers[layer_name]
+            merged[f"{layer_name}.{leaf}"] = layer.merged_base_weight().contiguous() if leaf == "weight" else value
+        else:
+            merged[key] = value
+    return merged
+
+
+def set_exact_saves(model: nn.Module, exact: bool) -> None:
+    """Whether ``model.save_pretrained`` writes the exact ROSA state (Trainer checkpoints) or the merged model."""
+    setattr(model, EXACT_SAVE_ATTR, exact)
+
+
+class MergedSavePretrained:
+    """``save_pretrained`` of a wrapped Hugging Face model: writes the merged plain model.
+
+    The saved folder loads with plain transformers (``from_pretrained``, no rosa needed) and computes
+    what the wrapped model computes; the wrapped model is not changed, so training goes on. While
+    :func:`set_exact_saves` is on (``RosaCallback`` turns it on for the length of ``Trainer.train``),
+    it writes the exact ROSA state instead, so Trainer checkpoints resume exactly.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        save = getattr(type(model), SAVE_ATTR)
+        if getattr(model, EXACT_SAVE_ATTR, False):
+            return save(model, save_directory, *args, **kwargs)
+        state = merged_state_dict(model, kwargs.pop("state_dict", None))
+        return save(model, save_directory, *args, state_dict=state, **kwargs)
 
 
 def parameter_report(model: nn.Module) -> dict[str, float]:

@@ -26,25 +26,14 @@ ATTENTION_PRESETS: dict[str, list[str]] = {
     "phi3": ["qkv_proj", "o_proj"],
 }
 
-# Extra MLP projections for ``preset_targets(..., include_mlp=True)``. BERT's ``output.dense`` also
-# matches ``attention.output.dense``, which the attention preset adapts anyway.
-MLP_PRESETS: dict[str, list[str]] = {
-    "bert": ["intermediate.dense", "output.dense"],
-    "roberta": ["intermediate.dense", "output.dense"],
-    "xlm-roberta": ["intermediate.dense", "output.dense"],
-    "electra": ["intermediate.dense", "output.dense"],
-    "distilbert": ["lin1", "lin2"],
-    "gpt2": ["c_fc", "mlp.c_proj"],
-    "llama": ["gate_proj", "up_proj", "down_proj"],
-    "mistral": ["gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["gate_proj", "up_proj", "down_proj"],
-    "qwen3": ["gate_proj", "up_proj", "down_proj"],
-    "gemma": ["gate_proj", "up_proj", "down_proj"],
-    "phi3": ["gate_up_proj", "down_proj"],
-}
-
 # Names of task heads that a fallback never adapts (they are usually trained fully or kept).
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler")
+# Top-level module names of the new heads of Hugging Face ``*ForSequenceClassification`` and
+# ``*ForTokenClassification`` models.
+CLASSIFIER_HEADS = ("classifier", "score")
+# Hugging Face class-name endings whose head :func:`default_modules_to_save` trains, as PEFT's
+# SEQ_CLS and TOKEN_CLS task types do.
+CLASSIFIER_CLASSES = ("ForSequenceClassification", "ForTokenClassification")
 
 
 def model_type(model: nn.Module) -> Optional[str]:
@@ -53,15 +42,34 @@ def model_type(model: nn.Module) -> Optional[str]:
     return getattr(config, "model_type", None)
 
 
-def preset_targets(model: nn.Module, include_mlp: bool = False) -> Optional[list[str]]:
+def preset_targets(model: nn.Module) -> Optional[list[str]]:
     """Target suffixes for a known architecture, or ``None`` when there is no preset."""
     kind = model_type(model)
-    if kind not in ATTENTION_PRESETS:
-        return None
-    targets = list(ATTENTION_PRESETS[kind])
-    if include_mlp:
-        targets += MLP_PRESETS.get(kind, [])
-    return targets
+    return list(ATTENTION_PRESETS[kind]) if kind in ATTENTION_PRESETS else None
+
+
+def classifier_head(model: nn.Module) -> list[str]:
+    """Names of the modules between the backbone and the task output, trained fully by adapters.
+
+    The new head (``classifier`` or ``score``) and, in BERT-style classifiers, the pooler that feeds
+    it ``[CLS]`` (e.g. ``bert.pooler``). Sentence-embedding checkpoints such as all-MiniLM-L6-v2 were
+    fine-tuned through mean pooling, which never reaches the pooler, so frozen it hands the head a
+    feature that fine-tuning never shaped.
+    """
+    children = dict(model.named_children())
+    head = [name for name in CLASSIFIER_HEADS if name in children][:1]
+    if not head:
+        return []
+    poolers = [name for name, _ in model.named_modules() if name.count(".") == 1 and name.endswith(".pooler")]
+    return head + poolers
+
+
+def default_modules_to_save(model: nn.Module) -> list[str]:
+    """What ``modules_to_save=None`` trains fully: a Hugging Face sequence- or token-classification
+    model's :func:`classifier_head`, else nothing."""
+    if not type(model).__name__.endswith(CLASSIFIER_CLASSES):
+        return []
+    return classifier_head(model)
 
 
 def is_head(model: nn.Module, name: str, module: nn.Module) -> bool:
@@ -72,12 +80,25 @@ def is_head(model: nn.Module, name: str, module: nn.Module) -> bool:
     return name.split(".")[0] in HEAD_NAMES and model_type(model) is not None
 
 
+def fallback_targets(model: nn.Module, linear: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The layers ``target_modules=None`` adapts on a model without a preset: of ``linear`` (its
+    ``nn.Linear``/``Conv1D`` layers, in module order), all but the output layer.
+
+    The output layer of a Hugging Face model is its output embeddings or a task head (a top-level
+    module named as in ``HEAD_NAMES``); of a plain ``nn.Module``, its last linear layer in module
+    order. Convolutions and embeddings are adapted only when named in ``target_modules``.
+    """
+    if model_type(model) is None:
+        return linear[:-1]
+    return [(n, m) for n, m in linear if not is_head(model, n, m)]
+
+
 def log_fallback(model: nn.Module, count: int) -> None:
-    """Log that an unknown architecture got the every-supported-layer fallback."""
+    """Log that an unknown architecture got the linear-layer fallback of :func:`fallback_targets`."""
     kind = model_type(model) or type(model).__name__
     logger.info(
-        "rosa: no target preset for %r; adapting every supported layer except the output head (%d layers). "
-        "Pass RosaConfig(target_modules=...) to choose.",
+        "rosa: no target preset for %r; adapting every linear layer except the output layer (%d layers; for a "
+        "plain nn.Module the output layer is its last nn.Linear). Pass RosaConfig(target_modules=...) to choose.",
         kind,
         count,
     )

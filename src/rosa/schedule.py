@@ -1,23 +1,14 @@
-"""When to resample in a training loop, and clearing the factors' optimizer state."""
+"""When to resample in a training loop, and the learning-rate re-warmup after a resample."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from torch import nn
 
+from .model import resample
 
-def base_optimizer(optimizer: Any) -> Any:
-    """The innermost optimizer under wrappers such as accelerate's ``AcceleratedOptimizer``."""
-    while hasattr(getattr(optimizer, "optimizer", None), "state"):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
-def reset_optimizer_state(optimizer: Any, params: Iterable[nn.Parameter]) -> int:
-    """Drop the optimizer state (moments, step counts) of ``params``; returns how many had state."""
-    state = base_optimizer(optimizer).state
-    return sum(state.pop(p, None) is not None for p in params)
+_REQUIRED = object()  # the optimizer argument was left out
 
 
 def rewarmup_factor(steps_done: int, resample_steps: Sequence[int], rewarmup_steps: int) -> float:
@@ -39,11 +30,14 @@ class ResampleSchedule:
 
     Give exactly one of ``every_steps`` (call :meth:`step` after each optimizer step) or
     ``every_epochs`` (call :meth:`epoch_end` after each epoch). The first ``warmup`` units
-    (steps or epochs) pass before the interval starts counting. ``resample_points`` lists the
-    step (or epoch) counts after which a resample happened.
+    (steps or epochs) pass before the interval starts counting. ``total``, the run's number of
+    steps (or epochs) when known, skips a resample after the last one: its new subspace would
+    never be trained. ``resample_points`` lists the step (or epoch) counts after which a resample
+    happened.
     """
 
-    def __init__(self, every_steps: Optional[int] = None, every_epochs: Optional[int] = None, warmup: int = 0):
+    def __init__(self, every_steps: Optional[int] = None, every_epochs: Optional[int] = None, warmup: int = 0,
+                 total: Optional[int] = None):
         if (every_steps is None) == (every_epochs is None):
             raise ValueError(
                 f"ResampleSchedule needs exactly one of every_steps or every_epochs, "
@@ -55,34 +49,45 @@ class ResampleSchedule:
             raise ValueError(f"ResampleSchedule.{label}={every!r} is invalid: use an int >= 1")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"ResampleSchedule.warmup={warmup!r} is invalid: use an int >= 0")
+        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
+            raise ValueError(f"ResampleSchedule.total={total!r} is invalid: use None or an int >= 1")
         self.every = every
         self.unit = "step" if every_steps is not None else "epoch"
         self.warmup = warmup
+        self.total = total
         self.count = 0
         self.resample_points: list[int] = []
 
-    def due(self, count: int) -> bool:
-        """Whether a resample is due after ``count`` completed units."""
-        return count > self.warmup and (count - self.warmup) % self.every == 0
+    def due(self, count: int, total: Optional[int] = None) -> bool:
+        """Whether a resample is due after ``count`` completed units of a run of ``total`` (default:
+        the schedule's ``total``); never after the last one."""
+        total = self.total if total is None else total
+        last = total is not None and count >= total
+        return count > self.warmup and (count - self.warmup) % self.every == 0 and not last
 
     def _advance(self, unit: str, model: nn.Module, optimizer: Any) -> bool:
+        if optimizer is _REQUIRED:
+            raise TypeError(
+                f"ResampleSchedule.{'step' if unit == 'step' else 'epoch_end'}(model, optimizer) needs the optimizer: "
+                "each resample clears the factors' optimizer state, which would otherwise carry the old subspace's "
+                "moments into the new one. Pass optimizer=None only if no optimizer holds the factors"
+            )
         if unit != self.unit:
             return False
         self.count += 1
         if not self.due(self.count):
             return False
-        from .model import resample
-
         resample(model, optimizer)
         self.resample_points.append(self.count)
         return True
 
-    def step(self, model: nn.Module, optimizer: Any = None) -> bool:
-        """Record one optimizer step; resample if due. Returns whether it resampled."""
+    def step(self, model: nn.Module, optimizer: Any = _REQUIRED) -> bool:
+        """Record one optimizer step; resample if due (clearing ``optimizer``'s state for the factors).
+        Returns whether it resampled. ``optimizer`` is required; ``None`` says no optimizer holds the factors."""
         return self._advance("step", model, optimizer)
 
-    def epoch_end(self, model: nn.Module, optimizer: Any = None) -> bool:
-        """Record one finished epoch; resample if due. Returns whether it resampled."""
+    def epoch_end(self, model: nn.Module, optimizer: Any = _REQUIRED) -> bool:
+        """Record one finished epoch; resample if due. Returns whether it resampled. ``optimizer`` as in :meth:`step`."""
         return self._advance("epoch", model, optimizer)
 
     def state_dict(self) -> dict:

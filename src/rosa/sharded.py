@@ -13,12 +13,13 @@ broadcast, so every rank ends with the owner's bitwise result.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from . import ranks
 
 Item = TypeVar("Item")
 Result = tuple[torch.Tensor, ...]
@@ -38,8 +39,10 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return dtensor is not None and isinstance(tensor, dtensor)
 
 
+@torch.no_grad()
 def full(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` as a plain full tensor: DTensors are all-gathered (collective), others returned as they are."""
+    """``tensor`` as a plain full tensor: DTensors are all-gathered (collective, no autograd graph), others
+    returned as they are."""
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
@@ -70,29 +73,14 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-def split_enabled(split: Optional[bool]) -> bool:
-    """Whether to split SVDs across ranks: ``split`` if given, else whenever the default process group has 2+ ranks."""
-    if split is not None and not split:
-        return False
+def split_enabled(split: Optional[bool], default: bool = True) -> bool:
+    """Whether to split SVDs across ranks: ``split`` if given, else ``default`` whenever the default
+    process group has 2+ ranks. Raises ``ValueError`` for ``split=True`` without a process group."""
     running = dist.is_available() and dist.is_initialized()
     if split and not running:
         raise ValueError("split_svd=True needs an initialized torch.distributed process group")
-    return running and dist.get_world_size() > 1
-
-
-def check_same_work(work: list) -> None:
-    """Raise ``RuntimeError`` on every rank unless all ranks of the default group pass an equal ``work``
-    description (its ``repr`` is hashed; collective)."""
-    digest = hashlib.sha256(repr(work).encode()).digest()
-    local = torch.tensor([int.from_bytes(digest[:8], "little", signed=True)])
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
-    if any(not torch.equal(g, gathered[0]) for g in gathered):
-        raise RuntimeError(
-            "rosa.resample with split_svd: the ranks hold different ROSA layers (shapes or counts differ), so "
-            "they cannot share SVDs; nothing was changed. Every rank must resample the same "
-            "model; to resample a model that only this rank holds, pass split_svd=False"
-        )
+    wanted = default if split is None else split
+    return wanted and running and dist.get_world_size() > 1
 
 
 def round_robin(
@@ -108,7 +96,9 @@ def round_robin(
     ranks ``0, 1, ..., world - 1, 0, ...``. Each round of ``world`` items is gathered on every rank
     (``gather`` may itself be collective), kept only by its owner, computed by the owners at once,
     then broadcast from each owner into ``empty(item)`` on the others. So a rank holds at most its
-    own item's inputs and two results at a time.
+    own item's inputs and two results at a time. Before a round's results are broadcast the ranks
+    share whether their ``compute`` raised: the rank that failed raises its error, every other rank
+    a ``RuntimeError`` naming it, so no rank is left waiting in a collective.
     """
     if not split:
         for item in items:
@@ -123,8 +113,13 @@ def round_robin(
             if offset == rank:
                 own = inputs
             del inputs
-        own_result = compute(own) if own is not None else None
+        own_result, error = None, None
+        try:
+            own_result = compute(own) if own is not None else None
+        except Exception as err:  # noqa: BLE001 (re-raised below, after the other ranks have been told)
+            error = err
         del own
+        _raise_if_any_failed(error)
         for offset, item in enumerate(round_items):
             result = own_result if offset == rank else empty(item)
             for tensor in result:
@@ -132,3 +127,14 @@ def round_robin(
             yield item, result
             del result
         del own_result  # before the next round's inputs are gathered
+
+
+def _raise_if_any_failed(error: Optional[BaseException]) -> None:
+    """Raise on every rank if ``error`` is set on any rank of the default group (collective)."""
+    flags = ranks.gather(torch.tensor([error is not None], device=ranks.collective_device(None)), None)
+    if error is not None:
+        raise error
+    failed = [rank for rank, flag in enumerate(flags) if bool(flag)]
+    if failed:
+        raise RuntimeError(f"rank(s) {failed} failed to compute their share of a split computation (see their "
+                           "error); nothing was changed")

@@ -24,6 +24,10 @@ def layer_generator(seed: int, name: str, resample_count: int) -> torch.Generato
     return generator
 
 
+# How the trainable singular vectors are chosen (see :func:`select_indices`).
+SELECTIONS = ("random", "block", "top", "bottom")
+
+
 def select_indices(num_singular: int, rank: int, selection: str, generator: torch.Generator) -> torch.Tensor:
     """Indices ``I`` (sorted, ``[rank]``) of the singular vectors that become trainable.
 
@@ -43,7 +47,7 @@ def select_indices(num_singular: int, rank: int, selection: str, generator: torc
         return torch.arange(rank)
     if selection == "bottom":
         return torch.arange(num_singular - rank, num_singular)
-    raise ValueError(f"selection must be 'random', 'block', 'top' or 'bottom', got {selection!r}")
+    raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
 
 
 # Randomized SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4): a Gaussian sketch OVERSAMPLING columns
@@ -54,7 +58,7 @@ def select_indices(num_singular: int, rank: int, selection: str, generator: torc
 OVERSAMPLING = 10
 POWER_ITERATIONS = 4
 RANDOMIZED_MAX_FRACTION = 0.25
-SVD_METHODS = ("full", "randomized")
+SVD_METHODS = ("full", "randomized")  # see :func:`runs_randomized`
 # float32 SVDs of a 2048x2048 weight measured ~4e-6 off (LAPACK) and up to ~1e-4 (cuSOLVER's gesvd) in
 # orthogonality and reconstruction; a fast CUDA driver's result further off is redone (checked_svd).
 SVD_TOLERANCE = 1e-4
@@ -182,7 +186,7 @@ def runs_randomized(method: str, selection: str, rank: int, shape: Sequence[int]
     return method == "randomized" and selection == "top" and pays_off
 
 
-SINGULAR_VALUE_PLACEMENTS = ("split", "down", "up")
+SINGULAR_VALUE_PLACEMENTS = ("split", "down", "up")  # which factor carries s (see :func:`split_factors`)
 
 
 def split_factors(
@@ -207,7 +211,7 @@ def split_factors(
 
 
 def factorize_group(
-    weights: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor] | torch.Tensor,
     rank: int,
     selection: str,
     generators: Sequence[torch.Generator],
@@ -216,18 +220,22 @@ def factorize_group(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Factorize G same-shape weights ``[out, in]`` at once: ``up [G, out, R]``, ``down [G, R, in]``, ``residual [G, out, in]``.
 
-    float32, on the weights' device. Weight ``g`` draws its index set from ``generators[g]`` exactly
-    as :func:`factorize` does, so the result equals factorizing each weight alone; ``singular_values``
-    places ``s`` on the factors as in :func:`split_factors`. Besides the
+    float32, on the weights' device. ``weights`` is a list of weights, or a float32 stack
+    ``[G, out, in]`` that becomes the residual (overwritten). Weight ``g`` draws its index set from
+    ``generators[g]`` exactly as :func:`factorize` does, so the result equals factorizing each weight
+    alone; ``singular_values`` places ``s`` on the factors as in :func:`split_factors`. Besides the
     outputs, the only large temporaries are the SVD's ``U`` and ``Vh``; the residual reuses the
     float32 stack of the weights.
     """
-    first = weights[0]
-    stack = torch.empty(len(weights), *first.shape, dtype=torch.float32, device=first.device)  # [G, out, in]
-    for row, weight in zip(stack, weights):
-        row.copy_(weight)
-    indices = torch.stack([select_indices(min(first.shape), rank, selection, g) for g in generators])  # [G, R]
-    if runs_randomized(method, selection, rank, first.shape):
+    if isinstance(weights, torch.Tensor):
+        stack = weights
+    else:
+        stack = torch.empty(len(weights), *weights[0].shape, dtype=torch.float32, device=weights[0].device)
+        for row, weight in zip(stack, weights):
+            row.copy_(weight)
+    shape = stack.shape[-2:]  # [out, in]
+    indices = torch.stack([select_indices(min(shape), rank, selection, g) for g in generators])  # [G, R]
+    if runs_randomized(method, selection, rank, shape):
         u, s, vh = randomized_svd(stack, rank, generators)  # the leading R triplets, approximately
     else:
         u, s, vh = svd(stack)

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 import rosa
-from rosa.config import SELECTIONS
-from rosa.subspace import SVD_METHODS
+from rosa.config import FACTOR_DTYPES, dtype_names
+from rosa.subspace import SELECTIONS, SVD_METHODS
 
 from .methods import METHODS, classifier_head, prepare_model
 from .models import load_causal_lm, load_sequence_classifier
@@ -532,24 +532,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"config ({', '.join(RANDOM_MODELS)}) (default: {' '.join(d.models)})")
     parser.add_argument("--tiny", action="store_true", help="tiny random BERT and Llama, 1-2 steps: a smoke test for CI")
     parser.add_argument("--batch-size", type=int, help="default: 8 for classifiers, 4 for causal LMs")
-    parser.add_argument("--seq-len", type=int)
-    parser.add_argument("--rank", type=int)
-    parser.add_argument("--selection", choices=SELECTIONS)
+    parser.add_argument("--seq-len", type=int, help=f"tokens per example (default: {d.seq_len})")
+    parser.add_argument("--rank", type=int, help=f"ROSA/LoRA rank (default: {d.rank})")
+    parser.add_argument("--selection", choices=SELECTIONS, help=f"which singular vectors ROSA trains (default: {d.selection})")
     parser.add_argument("--svd", choices=SVD_METHODS, help=(
         "ROSA's SVD: 'full' (exact, default) or 'randomized' (leading triplets by a randomized range finder: faster "
         "on large layers, approximate; only selection 'top' uses it, 'random'/'bottom' need the exact SVD)"))
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="base weight dtype (default: float32)")
-    parser.add_argument("--factor-dtype", choices=("float32", "bfloat16", "float16"), help="ROSA factor dtype")
+    parser.add_argument("--factor-dtype", choices=dtype_names(FACTOR_DTYPES), help="ROSA factor dtype (default: the base weight dtype)")
     parser.add_argument("--device", help=f"default: {d.device}")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--steps", type=int, help=f"timed train steps per method (default: {d.steps})")
     parser.add_argument("--warmup", type=int, help=f"untimed steps first (default: {d.warmup})")
-    parser.add_argument("--latency-reps", type=int)
-    parser.add_argument("--resample-reps", type=int)
+    parser.add_argument("--latency-reps", type=int, help=f"timed inference repetitions (default: {d.latency_reps})")
+    parser.add_argument("--resample-reps", type=int, help=f"timed resamples per method (default: {d.resample_reps})")
     parser.add_argument("--no-rss", dest="rss", action="store_false", default=None, help="skip the per-method child processes")
-    parser.add_argument("--rss-steps", type=int)
+    parser.add_argument("--rss-steps", type=int, help=f"train steps in each peak-RSS child process (default: {d.rss_steps})")
     parser.add_argument("--epoch-examples", type=int, help="train examples per epoch (default: RTE 2,490 / E2E 3,745)")
-    parser.add_argument("--note", help="a line for the report, e.g. that the machine was shared")
+    parser.add_argument("--note", help="a line for the report, e.g. that the machine was shared (default: none)")
     parser.add_argument("--out", default="runs/bench", help="output folder (default: %(default)s)")
     parser.add_argument("--name", default="perf", help="output file stem: NAME.json, NAME.md (default: %(default)s)")
 

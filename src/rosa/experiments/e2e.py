@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import rosa
-from rosa.config import SELECTIONS
+from rosa.subspace import SELECTIONS
 
 from .e2e_data import E2EExample, MRGroup, format_prompt, group_by_mr, read_e2e_csv, split_by_mr
 from .methods import METHODS, count_trainable, finalize_model, prepare_model
@@ -49,7 +49,7 @@ from .reporting import (
     write_json,
     write_markdown,
 )
-from .training import add_rewarmup_option, adamw, optimizer_step, warmup_then_decay
+from .training import add_methods_option, add_rewarmup_option, adamw, optimizer_step, warmup_then_decay
 
 DEFAULT_LR = {"rosa": 1e-3, "lora": 1e-3, "full": 1e-4}
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt and padding)
@@ -314,12 +314,12 @@ def total_steps(s: E2ESettings, steps_per_epoch: int) -> int:
 
 
 def train(model: nn.Module, method: str, lr: float, loader: torch.utils.data.DataLoader, s: E2ESettings,
-          checkpoint_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+          checkpoint_dir: Path, settings: dict[str, Any], desc: Optional[str] = None) -> dict[str, Any]:
     """Train ``model`` in place (:mod:`.training`'s recipe); ROSA resamples on schedule, then re-warms up the LR.
 
     Continues from the checkpoint in ``checkpoint_dir`` if there is one (``settings`` must match
     :func:`check_resumable`), and saves one there every ``s.checkpoint_every`` steps and at the end.
-    Returns the per-step loss curve, resample steps, tokens and timing.
+    Returns the per-step loss curve, resample steps, tokens and timing. ``desc`` names the progress bar.
     """
     steps = total_steps(s, len(loader))
     optimizer = adamw(model, lr)
@@ -330,7 +330,7 @@ def train(model: nn.Module, method: str, lr: float, loader: torch.utils.data.Dat
     start = time.perf_counter() - state.seconds
     model.train()
     batches = itertools.islice(endless(loader, state.data_position), steps - state.step)
-    for step, (batch, position) in enumerate(progress(batches, f"e2e {method} train", steps - state.step),
+    for step, (batch, position) in enumerate(progress(batches, desc or f"e2e {method} train", steps - state.step),
                                              state.step + 1):
         # a resample after the last step would be wasted
         report = optimizer_step(model, batch, optimizer, scheduler, schedule, resample=step < steps)
@@ -488,6 +488,11 @@ def write_tiny_model(folder: str | Path, texts: Sequence[str], architecture: str
     return Path(folder)
 
 
+def write_tiny_e2e_model(folder: str | Path, data: str | Path) -> Path:
+    """:func:`write_tiny_model` (Llama) whose vocabulary covers the prompts and references of E2E CSV ``data``."""
+    return write_tiny_model(folder, [format_prompt(e.mr) + " " + e.ref for e in read_e2e_csv(data)], "llama")
+
+
 # -- reporting ----------------------------------------------------------------------------------
 TABLE_COLUMNS = ["method", "BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr", "trainable params",
                  "train tokens/s", "peak memory (MiB)", "seconds"]
@@ -562,35 +567,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = E2ESettings()
     parser.add_argument("--model", default=d.model, help="local folder, hub id, or 'smollm2' (default: %(default)s)")
     parser.add_argument("--data", help="one E2E CSV (mr,ref) split by MR into train and eval, "
-                        "e.g. ../shared/data/e2e/dev.csv")
+                        "e.g. ../shared/data/e2e/dev.csv (default: none; give it, --train-file and --eval-file, or --hub)")
     parser.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
                         help="share of the MRs of --data held out for evaluation (default: %(default)s)")
-    parser.add_argument("--train-file", help="E2E CSV to train on (with --eval-file; instead of --data)")
-    parser.add_argument("--eval-file", help="E2E CSV to evaluate on (with --train-file)")
+    parser.add_argument("--train-file", help="E2E CSV to train on (with --eval-file; instead of --data; default: none)")
+    parser.add_argument("--eval-file", help="E2E CSV to evaluate on (with --train-file; default: none)")
     parser.add_argument("--hub", action="store_true",
                         help=f"train on {HUB_DATASET} train, evaluate on its test split (network)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=d.methods)
+    add_methods_option(parser, METHODS, d.methods)
     parser.add_argument("--rank", type=int, default=d.rank, help="ROSA/LoRA rank (default: %(default)s)")
     parser.add_argument("--lr", type=float, help="learning rate for every method (default: "
                         + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
     parser.add_argument("--epochs", type=int, default=d.epochs,
                         help="passes over the training pairs (default: %(default)s)")
-    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (a budget cap)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (a budget cap; default: no cap)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="training pairs per optimizer step (default: %(default)s)")
     parser.add_argument("--max-length", type=int, default=d.max_length,
                         help="tokens per training example, prompt + target (default: %(default)s)")
     parser.add_argument("--resample-every", type=int,
                         help="optimizer steps between ROSA resamples (default: once per epoch)")
     add_rewarmup_option(parser)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed, help="random seed for the split, data order and init (default: %(default)s)")
     parser.add_argument("--selection", choices=SELECTIONS, default=d.selection,
                         help="which singular vectors ROSA trains (default: %(default)s)")
     parser.add_argument("--max-train-examples", type=int,
-                        help="train on a seeded random subset of this many (mr, ref) pairs")
-    parser.add_argument("--max-eval-mrs", type=int, help="evaluate on a seeded random subset of this many held-out MRs")
+                        help="train on a seeded random subset of this many (mr, ref) pairs (default: all)")
+    parser.add_argument("--max-eval-mrs", type=int, help="evaluate on a seeded random subset of this many held-out MRs (default: all)")
     parser.add_argument("--num-beams", type=int, default=d.num_beams, help="1 = greedy decoding (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    parser.add_argument("--gen-batch-size", type=int, default=d.gen_batch_size, help="prompts per generation batch")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="generated tokens per prompt at most (default: %(default)s)")
+    parser.add_argument("--gen-batch-size", type=int, default=d.gen_batch_size, help="prompts per generation batch (default: %(default)s)")
     parser.add_argument("--out", default="runs/e2e", help="output folder (default: %(default)s)")
     parser.add_argument("--save", action="store_true",
                         help="save each merged model (save_pretrained) to OUT/model-METHOD")

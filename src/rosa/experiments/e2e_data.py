@@ -41,7 +41,8 @@ def read_e2e_csv(path: str | Path) -> list[E2EExample]:
     """Read an E2E CSV file (header ``mr,ref``) into examples.
 
     Raises ValueError, naming the file and the 1-based line number, for a
-    missing header or a row without exactly two non-empty fields.
+    missing header or a row without exactly two non-empty fields, and naming
+    the file when it has no data rows.
     """
     path = Path(path)
     with path.open(newline="", encoding="utf-8") as handle:
@@ -49,7 +50,10 @@ def read_e2e_csv(path: str | Path) -> list[E2EExample]:
         header = next(reader, None)
         if header != HEADER:
             raise ValueError(f"{path}: expected header 'mr,ref' on line 1, got {header!r}")
-        return [_parse_row(row, path, reader.line_num) for row in reader]
+        examples = [_parse_row(row, path, reader.line_num) for row in reader]
+    if not examples:
+        raise ValueError(f"{path}: no data rows (only the header 'mr,ref'); an E2E CSV needs at least one mr,ref row")
+    return examples
 
 
 def _parse_row(row: list[str], path: Path, line_num: int) -> E2EExample:

@@ -26,8 +26,7 @@ from torch import nn
 
 import rosa
 from rosa.checkpoint import CheckpointError, checkpoint_extra, is_checkpoint
-from rosa.config import SELECTIONS
-from rosa.subspace import SINGULAR_VALUE_PLACEMENTS
+from rosa.subspace import SELECTIONS, SINGULAR_VALUE_PLACEMENTS
 
 from .glue_data import GlueSplit, TaskSpec, compute_glue_metrics, get_task_spec, load_glue_hub, main_score, read_glue_split
 from .methods import METHODS, classifier_head, count_trainable, finalize_model, prepare_model
@@ -43,7 +42,7 @@ from .reporting import (
     save_figure,
     write_json,
 )
-from .training import add_rewarmup_option, adamw, optimizer_step, warmup_then_decay
+from .training import add_methods_option, add_rewarmup_option, adamw, optimizer_step, warmup_then_decay
 
 DEFAULT_LR = {"rosa": 1e-3, "lora": 1e-3, "full": 5e-5}
 CHECKPOINTS = "checkpoints"  # OUT/checkpoints/METHOD
@@ -396,26 +395,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Command-line options of ``rosa glue``."""
     d = GlueSettings()
     parser.add_argument("--task", required=True, help="GLUE task: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI or RTE")
-    parser.add_argument("--data-dir", help="glue_data/ folder (download_glue_data.py layout), e.g. ../shared/data/glue")
+    parser.add_argument("--data-dir", help="glue_data/ folder (download_glue_data.py layout), e.g. ../shared/data/glue "
+                        "(default: none; give it or --hub)")
     parser.add_argument("--hub", action="store_true", help="load the task from the nyu-mll/glue hub dataset (network)")
     parser.add_argument("--model", default=d.model, help="local folder, hub id, or 'minilm' (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=d.methods)
+    add_methods_option(parser, METHODS, d.methods)
     parser.add_argument("--rank", type=int, default=d.rank, help="ROSA/LoRA rank (default: %(default)s)")
     parser.add_argument("--lr", type=float, help="learning rate for every method (default: "
                         + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example after truncation")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="training epochs per method (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per optimizer step (default: %(default)s)")
+    parser.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example after truncation (default: %(default)s)")
     parser.add_argument("--resample-every", type=int, help="optimizer steps between ROSA resamples (default: once per epoch)")
     add_rewarmup_option(parser)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed, help="random seed for data order, init and subsets (default: %(default)s)")
     parser.add_argument("--selection", choices=SELECTIONS, default=d.selection,
                         help="which singular vectors ROSA trains (default: %(default)s)")
     parser.add_argument("--singular-values", choices=SINGULAR_VALUE_PLACEMENTS, default=d.singular_values,
                         help="which ROSA factor carries the singular values: split (sqrt on each), down or up; "
                              "see RosaConfig.singular_values (default: %(default)s)")
-    parser.add_argument("--max-train-samples", type=int, help="train on a seeded random subset of this size")
-    parser.add_argument("--max-eval-samples", type=int, help="evaluate on a seeded random subset of this size")
+    parser.add_argument("--max-train-samples", type=int, help="train on a seeded random subset of this size (default: the whole train split)")
+    parser.add_argument("--max-eval-samples", type=int, help="evaluate on a seeded random subset of this size (default: the whole dev split)")
     parser.add_argument("--out", help="output folder (default: runs/glue/TASK)")
     parser.add_argument("--save", action="store_true", help="save each merged model (save_pretrained) to OUT/model-METHOD")
     parser.add_argument("--resume", action="store_true",

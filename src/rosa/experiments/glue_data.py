@@ -163,7 +163,7 @@ def read_glue_split(data_dir: str | Path, task: str, split: str) -> GlueSplit:
 
     Fields are split on tabs with no quote processing. Blank lines are
     ignored. A malformed row raises ValueError naming the file and the 1-based
-    line number.
+    line number; so does a file without data rows.
     """
     spec = get_task_spec(task)
     path = split_path(data_dir, task, split)
@@ -181,6 +181,9 @@ def read_glue_split(data_dir: str | Path, task: str, split: str) -> GlueSplit:
         columns = _resolve_columns(spec, header, path)
     else:
         columns = (spec.text_a, spec.text_b, spec.label)
+    if not rows:
+        what = "only a header line" if spec.has_header else "only blank lines"
+        raise ValueError(f"{path}: no data rows ({what}); {spec.name} {split} needs at least one example")
     return _parse_rows(spec, rows, columns, path)
 
 

@@ -1,7 +1,7 @@
 """Prepare a loaded Hugging Face model for one fine-tuning method: ROSA, PEFT LoRA or full.
 
 ROSA and LoRA adapt exactly the same layers at the same rank: LoRA's targets are ROSA's
-resolved targets (``rosa.model.find_targets``), passed to PEFT as exact module names.
+resolved targets (``rosa.targets.find_targets``), passed to PEFT as exact module names.
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ from torch import nn
 import rosa
 from rosa.config import Patterns
 from rosa.layers import conv1d_type
-from rosa.model import find_targets
+from rosa.targets import find_targets
+from rosa.presets import classifier_head  # noqa: F401 (the runners' head choice, re-exported)
 
 METHODS = ("rosa", "lora", "full")
-
-# Top-level module names of the task heads of Hugging Face ``*ForSequenceClassification`` models.
-CLASSIFIER_HEADS = ("classifier", "score")
 
 
 def check_method(method: str) -> str:
@@ -26,22 +24,6 @@ def check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return method
-
-
-def classifier_head(model: nn.Module) -> list[str]:
-    """Names of the modules between the backbone and the task output, trained fully by adapters.
-
-    The new head (``classifier`` or ``score``) and, in BERT-style classifiers, the pooler that feeds
-    it ``[CLS]`` (e.g. ``bert.pooler``). Sentence-embedding checkpoints such as all-MiniLM-L6-v2 were
-    fine-tuned through mean pooling, which never reaches the pooler, so frozen it hands the head a
-    feature that fine-tuning never shaped.
-    """
-    children = dict(model.named_children())
-    head = [name for name in CLASSIFIER_HEADS if name in children][:1]
-    if not head:
-        return []
-    poolers = [name for name, _ in model.named_modules() if name.count(".") == 1 and name.endswith(".pooler")]
-    return head + poolers
 
 
 def prepare_model(

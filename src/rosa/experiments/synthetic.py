@@ -21,6 +21,7 @@ from torch import nn
 import rosa
 
 from .reporting import format_table, machine_info, new_figure, progress, save_figure, write_json, write_markdown
+from .training import add_methods_option
 
 METHODS = ("full", "lora", "rosa", "rosa-top", "rosa-bottom")
 
@@ -106,7 +107,7 @@ def build(method: str, problem: Problem, s: SyntheticSettings):
         model = get_peft_model(model, LoraConfig(r=s.rank, lora_alpha=s.rank, target_modules=["0"]))
     elif method.startswith("rosa"):
         selection = method.partition("-")[2] or "random"
-        rosa.wrap(model, rosa.RosaConfig(rank=s.rank, selection=selection, seed=s.seed))
+        rosa.wrap(model, rosa.RosaConfig(rank=s.rank, target_modules=["0"], selection=selection, seed=s.seed))
         schedule = rosa.ResampleSchedule(every_epochs=s.resample_every)
         on_epoch_end = schedule.epoch_end
     elif method != "full":
@@ -210,19 +211,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer epochs; under a minute on 2 CPU cores")
     parser.add_argument("--out", default="runs/synthetic", help="output folder (default: %(default)s)")
     parser.add_argument("--rank", type=int, default=d.rank, help="LoRA/ROSA rank R (default: %(default)s)")
-    parser.add_argument("--true-rank", type=int, default=d.true_rank, help="rank of the target update")
-    parser.add_argument("--in-features", type=int, default=d.in_features)
-    parser.add_argument("--out-features", type=int, default=d.out_features)
-    parser.add_argument("--n-train", type=int, default=d.n_train)
-    parser.add_argument("--n-val", type=int, default=d.n_val)
+    parser.add_argument("--true-rank", type=int, default=d.true_rank, help="rank of the target update (default: %(default)s)")
+    parser.add_argument("--in-features", type=int, default=d.in_features, help="input width of the layer (default: %(default)s)")
+    parser.add_argument("--out-features", type=int, default=d.out_features, help="output width of the layer (default: %(default)s)")
+    parser.add_argument("--n-train", type=int, default=d.n_train, help="training examples (default: %(default)s)")
+    parser.add_argument("--n-val", type=int, default=d.n_val, help="validation examples (default: %(default)s)")
     parser.add_argument("--noise", type=float, default=d.noise, help="target noise std (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs} ({SyntheticSettings.quick().epochs} with --quick)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument("--resample-every", type=int, default=d.resample_every, help="epochs between ROSA resamples")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="learning rate, all methods (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
+    parser.add_argument("--resample-every", type=int, default=d.resample_every, help="epochs between ROSA resamples (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
+    add_methods_option(parser, METHODS, METHODS)
 
 
 def settings_from_args(args: argparse.Namespace) -> SyntheticSettings:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -76,6 +76,12 @@ def optimizer_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.opt
         resample_seconds = time.perf_counter() - tick
     scheduler.step()
     return StepReport(loss.item(), seconds, resample_seconds)
+
+
+def add_methods_option(parser: argparse.ArgumentParser, methods: Sequence[str], default: Sequence[str]) -> None:
+    """The ``--methods M [M ...]`` command-line option: which of ``methods`` to compare."""
+    parser.add_argument("--methods", nargs="+", choices=methods, default=list(default),
+                        help=f"methods to compare (default: {' '.join(default)})")
 
 
 def add_rewarmup_option(parser: argparse.ArgumentParser) -> None:

@@ -16,12 +16,19 @@ from rosa.model import rosa_layers
 Subspaces = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (left [out, R], right [in, R]) bases
 
 
+NUMERICAL_RTOL = 1e-3  # a singular value counts towards the numerical rank above this share of the largest
+
+
 def energy_rank(delta: torch.Tensor, fraction: float = 0.9) -> int:
     """The fewest singular directions of ``delta`` whose squared singular values hold ``fraction`` of
     its squared Frobenius norm (0 for a zero matrix)."""
+    return _energy_rank(torch.linalg.svdvals(delta.double()), fraction)
+
+
+def _energy_rank(values: torch.Tensor, fraction: float) -> int:
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    energy = torch.linalg.svdvals(delta.double()) ** 2  # [min(out, in)], descending
+    energy = values**2  # descending
     total = energy.sum()
     if total == 0:
         return 0
@@ -31,8 +38,26 @@ def energy_rank(delta: torch.Tensor, fraction: float = 0.9) -> int:
 
 def stable_rank(delta: torch.Tensor) -> float:
     """``||delta||_F^2 / ||delta||_2^2``: between 1 and the rank, insensitive to tiny singular values."""
-    s = torch.linalg.svdvals(delta.double())
-    return float((s**2).sum() / s[0] ** 2) if s[0] > 0 else 0.0
+    return _stable_rank(torch.linalg.svdvals(delta.double()))
+
+
+def _stable_rank(values: torch.Tensor) -> float:
+    return float((values**2).sum() / values[0] ** 2) if values[0] > 0 else 0.0
+
+
+def numerical_rank(delta: torch.Tensor, rtol: float = NUMERICAL_RTOL) -> int:
+    """How many singular values of ``delta`` exceed ``rtol`` times its largest (0 for a zero matrix).
+
+    The default sits between the float32 rounding floor of a merged weight minus its pretrained
+    weight (about 1e-5 of the largest singular value) and the directions training writes.
+    """
+    return _numerical_rank(torch.linalg.svdvals(delta.double()), rtol)
+
+
+def _numerical_rank(values: torch.Tensor, rtol: float) -> int:
+    if not 0.0 < rtol < 1.0:
+        raise ValueError(f"rtol must be in (0, 1), got {rtol}")
+    return int((values > rtol * values[0]).sum()) if values[0] > 0 else 0
 
 
 def orthonormal_basis(columns: torch.Tensor) -> torch.Tensor:
@@ -73,9 +98,12 @@ def layer_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Ten
 
 
 def update_ranks(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor],
-                 fraction: float = 0.9) -> dict[str, float]:
-    """Mean and largest :func:`energy_rank`, and mean :func:`stable_rank`, of ``after - before`` over layers."""
-    deltas = [after[name] - weight for name, weight in before.items()]
-    ranks = [energy_rank(d, fraction) for d in deltas]
-    return {"energy_rank_mean": sum(ranks) / len(ranks), "energy_rank_max": max(ranks),
-            "stable_rank_mean": sum(stable_rank(d) for d in deltas) / len(deltas)}
+                 fraction: float = 0.9, rtol: float = NUMERICAL_RTOL) -> dict[str, float]:
+    """Mean and largest :func:`energy_rank`, mean :func:`stable_rank` and mean and largest
+    :func:`numerical_rank` of ``after - before`` over layers (one SVD per layer)."""
+    spectra = [torch.linalg.svdvals((after[name] - weight).double()) for name, weight in before.items()]
+    energy = [_energy_rank(s, fraction) for s in spectra]
+    numerical = [_numerical_rank(s, rtol) for s in spectra]
+    return {"energy_rank_mean": sum(energy) / len(energy), "energy_rank_max": max(energy),
+            "stable_rank_mean": sum(_stable_rank(s) for s in spectra) / len(spectra),
+            "numerical_rank_mean": sum(numerical) / len(numerical), "numerical_rank_max": max(numerical)}

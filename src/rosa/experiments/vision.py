@@ -24,6 +24,7 @@ import rosa
 
 from .methods import count_trainable, prepare_model
 from .reporting import format_table, machine_info, new_figure, progress, save_figure, write_json, write_markdown
+from .training import add_methods_option
 
 METHODS = ("full", "lora", "rosa", "head")
 ADAPTED_LAYERS = ["conv1", "conv2"]
@@ -302,14 +303,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=None,
                         help=f"default {d.pretrain_epochs} ({q.pretrain_epochs} with --quick)")
     parser.add_argument("--rank", type=int, default=d.rank, help="LoRA/ROSA rank R (default: %(default)s)")
-    parser.add_argument("--pretrain-per-class", type=int, default=d.pretrain_per_class)
-    parser.add_argument("--train-per-class", type=int, default=d.train_per_class, help="target training images per digit")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr)
-    parser.add_argument("--lr", type=float, default=d.lr, help="adaptation learning rate, all methods")
-    parser.add_argument("--resample-every", type=int, default=d.resample_every, help="epochs between ROSA resamples")
+    parser.add_argument("--pretrain-per-class", type=int, default=d.pretrain_per_class,
+                        help="pretraining images per source digit (default: %(default)s)")
+    parser.add_argument("--train-per-class", type=int, default=d.train_per_class, help="target training images per digit (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step (default: %(default)s)")
+    parser.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr, help="pretraining learning rate (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="adaptation learning rate, all methods (default: %(default)s)")
+    parser.add_argument("--resample-every", type=int, default=d.resample_every, help="epochs between ROSA resamples (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (default: %(default)s, fastest here)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    add_methods_option(parser, METHODS, METHODS)
 
 
 def settings_from_args(args: argparse.Namespace) -> VisionSettings:

@@ -10,10 +10,16 @@ What goes where in the adapter:
   equals the layer's rank, so the LoRA scale is 1; layers of other ranks go in ``rank_pattern`` /
   ``alpha_pattern``). A changed bias of such a layer becomes PEFT's ``lora_bias`` (``lora_B.bias``),
   which is per adapter, so adapters stay switchable.
+* a layer whose LoRA would hold at least as many values as its weight (a delta of rank at least
+  ``out * in / (out + in)``, half of the width for a square weight) is stored whole instead: smaller,
+  and exact.
 * every other changed module (LayerNorm, a task head, layers LoRA cannot express, and the names
   given in ``modules_to_save``) goes in PEFT's ``modules_to_save``: stored whole, exact.
 * a change PEFT cannot express at all (tied weights, a parameter owned by a module that contains
   LoRA layers) raises ``ValueError``; nothing is written then.
+* when most changed layers changed at near full rank (the base is not the model that was tuned, or
+  the model was fully fine-tuned) the adapter would be about as large as the model: refused with
+  ``ValueError`` stating the adapter's size against the base, unless ``allow_full_rank=True``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from ..layers import RosaLayer, conv1d_type
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 NOISE_FACTOR = 10.0  # rounding noise floor = NOISE_FACTOR * eps * rms(W) * (sqrt(out) + sqrt(in))
+NEAR_FULL_RANK = 0.9  # a delta of rank >= NEAR_FULL_RANK * min(out, in) is "near full rank"
 
 # Hugging Face model-class suffix -> PEFT task type
 TASK_TYPES = {
@@ -242,6 +249,7 @@ def export_lora(
     target_modules: Patterns = None,
     modules_to_save: Patterns = None,
     base_model_name_or_path: Optional[str] = None,
+    allow_full_rank: bool = False,
 ) -> dict[str, Any]:
     """Write ``tuned_model - base_model`` as a PEFT LoRA adapter directory; returns a report.
 
@@ -249,10 +257,14 @@ def export_lora(
     Frobenius error is at most ``tolerance``; with neither, the export is exact (up to float
     rounding). ``target_modules`` / ``modules_to_save`` take the same pattern forms as
     ``RosaConfig``: which changed layers may become LoRA, and which are saved whole. Both models
-    must be plain (``rosa.merge`` them first) and have the same tensors. Load the result with
-    ``peft.PeftModel.from_pretrained(base, out_dir)``. The report has, per LoRA layer, ``rank``,
-    ``delta_rank``, ``relative_error`` and ``discarded_singular_values``, plus ``modules_to_save``
-    (name -> reason) and ``dropped`` (layers whose change is only float rounding).
+    must be plain (``rosa.merge`` them first) and have the same tensors. When most changed layers
+    changed at near full rank (a wrong base, or full fine-tuning) it raises ``ValueError`` and
+    writes nothing, unless ``allow_full_rank``. Load the result with
+    ``peft.PeftModel.from_pretrained(base, out_dir)``. The report has, per LoRA layer, ``shape``
+    (``[out, in]``), ``rank``, ``delta_rank``, ``relative_error`` and ``discarded_singular_values``,
+    plus ``modules_to_save`` (name -> reason), ``dropped`` (layers whose change is only float
+    rounding), ``near_full_rank`` (changed layers of rank >= 0.9 min(out, in)),
+    ``adapter_parameters`` (values in the adapter file) and ``base_parameters``.
     """
     _check_limits(rank, tolerance)
     changed = changed_tensors(base_model, tuned_model)
@@ -260,11 +272,23 @@ def export_lora(
         raise ValueError("tuned_model equals base_model; there is nothing to export")
     lora, saved = _split(tuned_model, changed, target_modules, modules_to_save)
     factors, layers, dropped = _factorize_all(base_model, tuned_model, lora, rank, tolerance)
-    lora, saved, lora_bias = _settle(tuned_model, lora, saved, dropped, changed)
-    if not lora:
-        raise ValueError(f"no change can be expressed as LoRA (saved whole: {saved}); keep the merged model instead")
+    whole = _whole_when_smaller(layers)
+    lora = {name: kind for name, kind in lora.items() if name not in whole}
+    lora, saved, lora_bias = _settle(tuned_model, lora, {**saved, **whole}, dropped, changed)
 
     tensors = _adapter_tensors(base_model, tuned_model, lora, factors, lora_bias, saved)
+    sizes = {
+        "adapter_parameters": sum(t.numel() for t in tensors.values()),
+        "base_parameters": sum(p.numel() for p in base_model.parameters()),
+    }
+    near_full_rank = _near_full_rank(layers)
+    if 2 * len(near_full_rank) > len(layers) and not allow_full_rank:
+        raise ValueError(_full_rank_message(near_full_rank, len(layers), sizes))
+    if not lora:
+        raise ValueError(
+            f"no change can be expressed as LoRA ({len(saved)} modules would be saved whole, e.g. "
+            f"{dict(list(saved.items())[:3])}); keep the merged model instead"
+        )
     name_or_path = base_model_name_or_path or getattr(base_model, "name_or_path", None)
     config = _lora_config(tuned_model, lora, layers, saved, lora_bias, name_or_path)
     out_dir = Path(out_dir)
@@ -279,8 +303,40 @@ def export_lora(
         "layers": {name: layers[name] for name in lora},
         "modules_to_save": saved,
         "dropped": dropped,
+        "near_full_rank": near_full_rank,
+        **sizes,
         "max_relative_error": max(layers[name]["relative_error"] for name in lora),
     }
+
+
+def _whole_when_smaller(layers: dict[str, dict]) -> dict[str, str]:
+    """Layers whose LoRA factors would hold at least as many values as the weight (name -> reason)."""
+    whole = {}
+    for name, info in layers.items():
+        out_features, in_features = info["shape"]
+        lora_size, weight_size = info["rank"] * (out_features + in_features), out_features * in_features
+        if lora_size >= weight_size:
+            whole[name] = (
+                f"a rank-{info['rank']} LoRA would hold {lora_size} values, the [{out_features}, {in_features}] "
+                f"weight {weight_size}: saved whole, exact"
+            )
+    return whole
+
+
+def _near_full_rank(layers: dict[str, dict]) -> list[str]:
+    """The layers whose delta has rank >= ``NEAR_FULL_RANK * min(out, in)``."""
+    return [name for name, info in layers.items() if info["delta_rank"] >= NEAR_FULL_RANK * min(info["shape"])]
+
+
+def _full_rank_message(near_full_rank: list[str], changed_layers: int, sizes: dict[str, int]) -> str:
+    adapter, base = sizes["adapter_parameters"], sizes["base_parameters"]
+    return (
+        f"{len(near_full_rank)} of {changed_layers} changed layers changed at near full rank (e.g. "
+        f"{near_full_rank[:3]}); the adapter would hold {adapter:,} values, {adapter / max(base, 1):.0%} of the "
+        f"base model's {base:,} parameters. The base is probably not the model that was tuned (check it), or the "
+        "model was fully fine-tuned (then keep the merged model: an adapter saves nothing). Nothing was written; "
+        "pass allow_full_rank=True (rosa export-lora --allow-full-rank) to export anyway"
+    )
 
 
 def _split(
@@ -343,7 +399,7 @@ def _factorize_all(
             dropped[name] = f"weight change is below the float rounding noise floor {floor:.3g}"
             continue
         factors[name] = (up, down)
-        layers[name] = {"kind": kind, **report, "noise_floor": floor}
+        layers[name] = {"kind": kind, "shape": list(tuned.shape), **report, "noise_floor": floor}
     return factors, layers, dropped
 
 

@@ -8,8 +8,9 @@ from typing import Any, Optional
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..model import parameter_report, resample, rosa_layers
-from ..schedule import ResampleSchedule, base_optimizer, rewarmup_factor
+from ..model import parameter_report, resample, rosa_layers, set_exact_saves
+from ..optimizer_state import base_optimizer
+from ..schedule import ResampleSchedule, rewarmup_factor
 
 logger = logging.getLogger("rosa")
 
@@ -30,7 +31,14 @@ class RosaCallback(TrainerCallback):
     Give exactly one of ``every_steps`` (optimizer steps, i.e. ``state.global_step``) or
     ``every_epochs``; the first ``warmup`` steps (or epochs) pass before the interval starts
     counting. Each resample calls ``rosa.resample(model, optimizer)`` with the Trainer's optimizer
-    (accelerate's wrapper included), which clears the factors' optimizer state.
+    (accelerate's wrapper included), which clears the factors' optimizer state. No resample runs
+    after the last optimizer step (or epoch): its subspace would never be trained. An error of the
+    resample (e.g. :class:`rosa.NonFiniteError` after a diverged step) stops training with it,
+    the model unchanged and earlier checkpoints intact.
+
+    While ``train()`` runs, the model's ``save_pretrained`` writes the exact ROSA state, so the
+    Trainer's checkpoints resume exactly; before and after, it writes the merged plain model
+    (``trainer.save_model()`` after training gives a model plain transformers loads).
 
     ``rewarmup_steps = n > 0`` ramps the learning rate back up after each resample: the j-th
     optimizer step after it (j = 1..n) runs at ``j / (n + 1)`` times the scheduled LR of every
@@ -74,7 +82,8 @@ class RosaCallback(TrainerCallback):
                 "RosaCallback: the Trainer's model has no ROSA layers; call rosa.wrap(model, config) "
                 "before creating the Trainer"
             )
-        self._restore_progress(state, layers.values())
+        self._restore_progress(state)
+        set_exact_saves(model, True)
         if _checkpointing(args):
             enable_input_grads(model)
         state.log_history.append(
@@ -88,36 +97,34 @@ class RosaCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: nn.Module = None, optimizer: Any = None, **kwargs: Any) -> None:
-        if self.schedule.unit == "step" and self.schedule.due(state.global_step):
+        if self.schedule.unit == "step" and self.schedule.due(state.global_step, state.max_steps):
             self._resample(state, model, optimizer)
         self._scale_lrs(state, optimizer)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: nn.Module = None, optimizer: Any = None, **kwargs: Any) -> None:
-        if self.schedule.unit == "epoch" and self.schedule.due(round(state.epoch or 0)):
+        if self.schedule.unit == "epoch" and self.schedule.due(round(state.epoch or 0), state.num_train_epochs):
             self._resample(state, model, optimizer)
             self._scale_lrs(state, optimizer)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     optimizer: Any = None, **kwargs: Any) -> None:
+                     model: nn.Module = None, optimizer: Any = None, **kwargs: Any) -> None:
         self._restore_lrs(optimizer)
+        set_exact_saves(model, False)
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _restore_progress(self, state: TrainerState, layers: Any) -> None:
-        """On ``resume_from_checkpoint``, recover resamples (and so a running re-warmup) from the log history.
-
-        The Trainer restores weights, optimizer and scheduler, but each layer's resample count,
-        which fixes its next subspace, lives only in the resample events of ``trainer_state.json``.
-        """
-        events = [e for e in state.log_history if "rosa/resamples" in e and e["step"] <= state.global_step]
-        if not events:
-            return
-        self.resample_steps = [e["step"] for e in events]
-        for layer in layers:
-            layer.resample_count = len(events)
+    def _restore_progress(self, state: TrainerState) -> None:
+        """On ``resume_from_checkpoint``, recover the resample steps (and so a running re-warmup) from the
+        log history; each layer's resample count comes back with the model's weights (its ``state_dict``)."""
+        self.resample_steps = [e["step"] for e in state.log_history
+                               if "rosa/resamples" in e and e["step"] <= state.global_step]
 
     def _resample(self, state: TrainerState, model: nn.Module, optimizer: Any) -> None:
-        layers = resample(model, optimizer)
+        try:
+            layers = resample(model, optimizer)
+        except Exception:  # training stops here: saves after it write the merged model again
+            set_exact_saves(model, False)
+            raise
         self.resample_steps.append(state.global_step)
         state.log_history.append(
             {"rosa/resamples": len(self.resample_steps), "rosa/trainable_params": parameter_report(model)["trainable"],

@@ -1,0 +1,1 @@
+"""The benchmark and report scripts, run from the repository root as ``python -m benchmarks.NAME``."""
