@@ -183,7 +183,7 @@ def run_one(spec: RunSpec, budget: Budget, model: str, data: Path, out: Path, re
     e2e.check_resumable(checkpoints, settings, resume)
     torch.manual_seed(spec.seed)  # LoRA's initialisation
     base = load_causal_lm(model)
-    targets = [name for name, _ in rosa.model.find_targets(base, rosa.RosaConfig(rank=1))]  # the default targets
+    targets = [name for name, _ in rosa.targets.find_targets(base, rosa.RosaConfig(rank=1))]  # the default targets
     pretrained = layer_weights(base, targets)
     trained = prepare_model(base, spec.method, spec.rank, seed=spec.seed)
     trainable = count_trainable(trained)

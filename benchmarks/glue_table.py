@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from scipy import stats
 
-from rosa.config import SELECTIONS
+from rosa.subspace import SELECTIONS
 from rosa.experiments import glue
 from rosa.experiments.glue_data import get_task_spec
 from rosa.experiments.methods import METHODS, classifier_head, prepare_model

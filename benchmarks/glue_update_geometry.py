@@ -30,7 +30,7 @@ from rosa.experiments.glue_data import get_task_spec
 from rosa.experiments.models import load_sequence_classifier
 from rosa.experiments.reporting import format_table, machine_info, write_json
 from rosa.experiments.update_geometry import consecutive_overlaps, factor_subspaces, layer_weights, update_ranks
-from rosa.model import find_targets
+from rosa.targets import find_targets
 
 # variant -> (method, ROSA selection); each reruns the seed-0 choice of the report of its selection
 VARIANTS = {"rosa": ("rosa", "random"), "rosa-top": ("rosa", "top"), "lora": ("lora", "random"), "full": ("full", "random")}
