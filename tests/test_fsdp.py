@@ -175,7 +175,8 @@ def refused_resample(model: nn.Module, kind: type) -> dict:
 
 def non_finite_run(rank: int) -> dict:
     """FSDP2 resamples refused by NaN factors that only rank 1's shard holds, by NaN new factors that
-    only rank 0 computes (split SVDs), and by an SVD that fails on rank 1 alone."""
+    only rank 1 computes (split SVDs: rank 1 owns the second chunk, the two blocks' inner layers), and
+    by an SVD that fails on rank 1 alone."""
     model = shard(build())
     result = {}
     up = model.blocks[0].inner.up  # [5, 3]: rows 0-2 on rank 0, rows 3-4 on rank 1
@@ -196,9 +197,9 @@ def non_finite_run(rank: int) -> dict:
     def failed_svd(*args, **kwargs):
         raise torch.linalg.LinAlgError("the SVD did not converge")
 
-    for case, patched, owner in (("split", nan_factors, 0), ("failed", failed_svd, 1)):
+    for case, patched in (("split", nan_factors), ("failed", failed_svd)):
         with pytest.MonkeyPatch.context() as patch:
-            if rank == owner:
+            if rank == 1:
                 patch.setattr(rosa.subspace, "factorize_group", patched)
             result[case] = refused_resample(model, Exception)
     result["after"] = rosa.resample(model)  # the model still resamples
@@ -283,8 +284,9 @@ def test_split_svd_needs_a_process_group():
 
 def test_fsdp2_non_finite_or_failed_resample_raises_on_every_rank_and_changes_nothing(tmp_path):
     result = spawn(non_finite_run, tmp_path)  # rank 0's view: it computed nothing wrong itself
-    assert result["shard"]["error"].startswith("NonFiniteError: rosa.resample refused: NaN or Inf in blocks.0.inner.up (1 ")
-    assert result["split"]["error"].startswith("NonFiniteError: rosa.resample refused: NaN or Inf in")
+    refused = "NonFiniteError: rosa.resample refused: NaN or Inf in blocks.0.inner.up (1 non-finite)"
+    assert result["shard"]["error"].startswith(refused)
+    assert result["split"]["error"].startswith(refused)
     assert "rank(s) [1] failed" in result["failed"]["error"]
     assert all(result[case]["unchanged"] for case in ("shard", "split", "failed"))
     assert result["after"] == len(rosa.rosa_layers(build()))
