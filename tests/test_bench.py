@@ -84,6 +84,13 @@ def test_allocation_trace_sees_net_and_peak_bytes():
     assert trace.peak >= 3 * 4000 - 4000  # at least two tensors of 4000 bytes alive at once
 
 
+def test_a_free_recorded_after_its_address_is_reused_is_counted_at_the_reuse():
+    # A at 1 (100 bytes), freed, reallocated at 1 before that free is recorded, then both frees
+    assert bench.peak_bytes([(100, 1), (100, 1), (-100, 1), (-100, 1)]) == 100
+    assert bench.peak_bytes([(100, 1), (50, 2), (-100, 1), (-50, 2)]) == 150  # distinct addresses: both live
+    assert bench.peak_bytes([(-30, 3), (100, 1)]) == 70  # a block from before the trace freed
+
+
 def test_model_specs_and_settings_are_validated():
     assert bench.parse_model("minilm") == ("minilm", "cls")
     assert bench.parse_model("some/folder:lm") == ("some/folder", "lm")

@@ -107,7 +107,7 @@ def fsdp_run(rank: int) -> dict:
 
     rosa.merge(model)
     result["merged"] = {k: v.clone() for k, v in full_state(model).items()}
-    result["peaks"] = {blocks: resample_peaks(blocks) for blocks in (8, 16)}
+    result["peaks"] = {blocks: resample_peaks(blocks) for blocks in (8, 32)}
     return result
 
 
@@ -130,9 +130,10 @@ def resample_peaks(blocks: int, width: int = 64) -> dict[bool, float]:
         patch.setattr(rosa.model, "GROUP_BYTES", layer_bytes)
         for split in (False, True):
             rosa.resample(model, split_svd=split)  # a first resample: one-off lazy allocations do not count
-            # the least of 3: gloo frees some gathered buffers a little late, which only ever adds
+            # the least of 5: gloo's worker threads free some gathered buffers a little late (more so on a
+            # busy CPU), which only ever adds
             peaks[split] = min(allocation_trace(lambda: rosa.resample(model, split_svd=split)).peak
-                               for _ in range(3)) / layer_bytes
+                               for _ in range(5)) / layer_bytes
     return peaks
 
 
@@ -303,8 +304,9 @@ def test_dcp_resume_under_fsdp2_is_exact_also_across_a_resample(tmp_path):
 def test_fsdp2_resample_peak_memory_grows_only_by_the_new_factors(fsdp_result):
     peaks = fsdp_result["peaks"]
     # all or nothing keeps every layer's new factors (rank 4 of 64 x 64: 1/8 of a weight each) until all are drawn
-    factors = 8 * 4 * (64 + 64) / 64**2  # the 8 more layers'
+    factors = 24 * 4 * (64 + 64) / 64**2  # the 24 more layers'
     for split in (False, True):
-        # measured 4.8 layers' weights for 8 layers, 5.8-6.8 for 16, 7.8-8.9 for 32 (local and split)
-        assert peaks[16][split] <= peaks[8][split] + factors + 1.5, split
-        assert peaks[16][split] <= 8, split  # half the 16 layers' full weights
+        # measured 4.8 layers' weights for 8 layers and 7.8-9.9 for 32 (local and split; 7.8 without FSDP2,
+        # more on a busy CPU, where gloo frees some gathered weights late): 3 layers' weights of slack
+        assert peaks[32][split] <= peaks[8][split] + factors + 3, split
+        assert peaks[32][split] <= 16, split  # half the 32 layers' full weights

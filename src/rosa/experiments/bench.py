@@ -23,6 +23,7 @@ import resource
 import statistics
 import sys
 import time
+from collections import Counter
 from contextlib import ExitStack, contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -223,15 +224,41 @@ def allocation_trace(fn: Callable[[], Any]) -> AllocationTrace:
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    records = []  # (time, bytes), the tree walked in call order
+    records = []  # (time, bytes, address), the tree walked in call order
     nodes = list(reversed(prof.profiler.kineto_results.experimental_event_tree()))
     while nodes:
         node = nodes.pop()
         nodes.extend(reversed(node.children))
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            records.append((node.start_time_ns, node.extra_fields.alloc_size))
-    sizes = [size for _, size in sorted(records, key=lambda record: record[0])]  # stable: ties keep call order
-    return AllocationTrace(net=sum(sizes), peak=max(itertools.accumulate(sizes, initial=0)))
+            records.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr))
+    records.sort(key=lambda record: record[0])  # stable: ties keep call order
+    return AllocationTrace(net=sum(size for _, size, _ in records), peak=peak_bytes([r[1:] for r in records]))
+
+
+def peak_bytes(records: list[tuple[int, int]]) -> int:
+    """The highest running total of time-ordered ``(bytes, address)`` allocator records (frees negative).
+
+    A free can be recorded after the allocator has already handed its address out again (seen with
+    gloo collectives, whose buffers are released on another thread): an allocation at a live address
+    counts as the free of the block there, and the late record of that free is skipped.
+    """
+    live: dict[int, int] = {}  # address -> bytes of the block allocated there
+    freed_early: Counter = Counter()  # addresses whose free is still to be recorded
+    total = peak = 0
+    for size, address in records:
+        if size > 0:
+            if address in live:
+                total -= live.pop(address)
+                freed_early[address] += 1
+            live[address] = size
+        elif freed_early[address]:
+            freed_early[address] -= 1
+            continue
+        else:
+            live.pop(address, None)
+        total += size
+        peak = max(peak, total)
+    return peak
 
 
 def transient_peak(fn: Callable[[], Any], device: torch.device) -> int:
