@@ -8,7 +8,7 @@ from .model import merge, parameter_report, print_trainable_parameters, resample
 from .optimizer_state import reset_optimizer_state
 from .schedule import ResampleSchedule, rewarmup_factor
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "LayerSpec",
