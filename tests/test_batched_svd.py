@@ -105,6 +105,16 @@ def test_groups_split_by_shape_and_chunk_size(monkeypatch):
     assert sorted(len(c) for c in rosa_model._factorize_chunks(layers)) == [1, 1, 2, 2]
 
 
+def test_split_resampling_cuts_every_group_into_a_share_per_rank():
+    """With 2 ranks, each group of equal shapes is cut in two, so round robin gives each rank half of
+    every group's SVDs (not one rank all the large matrices and the other all the small ones)."""
+    model = rosa.wrap(Mixed(), rosa.RosaConfig(rank=2, target_modules=r".*"))
+    layers = rosa.rosa_layers(model).values()
+    chunks = rosa_model._factorize_chunks(layers, parts=2)
+    assert sorted(len(c) for c in chunks) == [1, 1, 1, 1, 2]
+    assert sorted(len(c) for c in rosa_model._factorize_chunks(layers, parts=5)) == [1] * 6
+
+
 def decaying_matrix(out: int, inp: int, decay: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``W = U diag(s) V^T`` with a power-law spectrum ``s_i = i^-decay`` (like pretrained weights)."""
     g = torch.Generator().manual_seed(seed)

@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any, Iterable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import sharded, subspace
@@ -161,7 +162,8 @@ def factorize_layers(layers: Iterable[RosaLayer], fold: bool = False, split: boo
     operation = "rosa.resample" if fold else "rosa.wrap"
     drawn = []
     for chunk, (ups, downs, counts) in sharded.round_robin(
-        _factorize_chunks(layers), partial(_chunk_source, fold=fold, operation=operation),
+        _factorize_chunks(layers, dist.get_world_size() if split else 1),
+        partial(_chunk_source, fold=fold, operation=operation),
         partial(_draw_chunk, fold=fold), _empty_draw, split,
     ):
         raise_if_counted(((f"{layer.name}.{part}", int(n)) for layer, row in zip(chunk, counts)
@@ -174,14 +176,16 @@ def factorize_layers(layers: Iterable[RosaLayer], fold: bool = False, split: boo
         layer.install(up, down, fold)
 
 
-def _factorize_chunks(layers: Iterable[RosaLayer]) -> list[list[RosaLayer]]:
+def _factorize_chunks(layers: Iterable[RosaLayer], parts: int = 1) -> list[list[RosaLayer]]:
+    """Groups of equal shape and settings, cut to at most ``GROUP_BYTES`` each and into at least ``parts``
+    chunks per group (when it has that many layers), so ``parts`` ranks share each group's SVDs evenly."""
     groups: dict[tuple, list[RosaLayer]] = {}
     for layer in layers:
         key = (layer.dense_shape, layer.up.device, layer.rank, layer.spec)
         groups.setdefault(key, []).append(layer)
     chunks = []
     for (shape, *_), members in groups.items():
-        size = max(1, GROUP_BYTES // (4 * math.prod(shape)))
+        size = max(1, min(GROUP_BYTES // (4 * math.prod(shape)), math.ceil(len(members) / parts)))
         chunks += [members[i : i + size] for i in range(0, len(members), size)]
     return chunks
 
