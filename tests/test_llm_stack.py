@@ -1,7 +1,10 @@
-"""ROSA in the LLM fine-tuning stack: TRL's SFTTrainer with RosaCallback, gradient checkpointing
-(reentrant and not), and torch.compile graphs that survive a resample."""
+"""ROSA in the LLM fine-tuning stack: TRL's SFTTrainer and DPOTrainer with RosaCallback, gradient
+checkpointing (reentrant and not), and torch.compile graphs that survive a resample."""
 
 from __future__ import annotations
+
+import copy
+import math
 
 import pytest
 import torch
@@ -58,11 +61,12 @@ def chats(n: int) -> Dataset:
     return Dataset.from_list([fixed[i % 3] for i in range(n)])
 
 
-def sft_config(tmp_path, **overrides) -> "trl.SFTConfig":
+def trl_config(config_class: type, tmp_path, **overrides):
+    """``config_class`` (a TRL trainer config) for a few quick CPU steps, logging every step, saving nothing."""
     settings = dict(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=3e-2,
                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, max_length=32,
                     dataloader_num_workers=0, disable_tqdm=True)
-    return trl.SFTConfig(**{**settings, **overrides})
+    return config_class(**{**settings, **overrides})
 
 
 @pytest.mark.parametrize("checkpointing", [None, {"use_reentrant": True}, {"use_reentrant": False}],
@@ -72,7 +76,7 @@ def test_sft_trainer_trains_and_resamples_rosa_factors(tmp_path, checkpointing):
     model = wrapped_llama(len(tok))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     callback = RosaCallback(every_steps=2)
-    args = sft_config(tmp_path, activation_checkpointing=checkpointing is not None,
+    args = trl_config(trl.SFTConfig, tmp_path, activation_checkpointing=checkpointing is not None,
                       activation_checkpointing_kwargs=checkpointing)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=chats(24), processing_class=tok,
                              callbacks=[callback])
@@ -83,6 +87,43 @@ def test_sft_trainer_trains_and_resamples_rosa_factors(tmp_path, checkpointing):
     assert len(losses) == 6 and losses[-1] < losses[0]
     # every factor moved: gradients reached every layer through the checkpointed blocks
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+def preferences(n: int) -> Dataset:
+    """``n`` prompt/chosen/rejected triples cycling through 3 fixed ones (plain strings)."""
+    g = torch.Generator().manual_seed(1)
+    fixed = []
+    for _ in range(3):
+        words = [WORDS[int(i)] for i in torch.randint(len(WORDS), (9,), generator=g)]
+        fixed.append({"prompt": " ".join(words[:3]), "chosen": " ".join(words[3:6]), "rejected": " ".join(words[6:])})
+    return Dataset.from_list([fixed[i % 3] for i in range(n)])
+
+
+def test_dpo_trainer_trains_and_resamples_rosa_factors_against_a_frozen_merged_reference(tmp_path):
+    """DPOTrainer takes the same RosaCallback as SFTTrainer, with the reference passed as a merged plain
+    copy of the wrapped model: ``ref_model=rosa.merge(copy.deepcopy(model))``. Left out, DPOTrainer loads
+    the reference again from ``model.config.name_or_path`` (a model built from a config has none)."""
+    tok = tokenizer()
+    model = wrapped_llama(len(tok))
+    ref_model = rosa.merge(copy.deepcopy(model))
+    assert not rosa.rosa_layers(ref_model)
+    ref_before = {n: p.detach().clone() for n, p in ref_model.state_dict().items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    callback = RosaCallback(every_steps=2)
+    trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=trl_config(trl.DPOConfig, tmp_path),
+                             train_dataset=preferences(24), processing_class=tok, callbacks=[callback])
+    trainer.train()
+    assert callback.resample_steps == [2, 4]
+    assert all(layer.resample_count == 2 for layer in rosa.rosa_layers(model).values())
+    assert [e["step"] for e in trainer.state.log_history if "rosa/resamples" in e] == [2, 4]
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    # before the first update the policy and the merged reference agree, so the DPO loss is log 2
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    # the reference stayed plain and frozen: no factors, every weight as it was
+    assert trainer.ref_model is ref_model and not rosa.rosa_layers(trainer.ref_model)
+    assert all(torch.equal(p, ref_before[n]) for n, p in ref_model.state_dict().items())
 
 
 def test_gradient_checkpointing_gives_the_same_factor_gradients(tmp_path):
