@@ -67,6 +67,7 @@ from torch import nn
 from .config import RosaConfig
 from .errors import raise_if_non_finite
 from .model import CONFIG_ATTR, rosa_layers
+from .ranks import update_digest
 
 try:
     import fcntl
@@ -525,8 +526,8 @@ def _manifest_digest(manifest: dict) -> str:
 
 def _tensor_sha256(tensor: torch.Tensor) -> str:
     """SHA-256 of a CPU tensor's dtype, shape and bytes."""
-    digest = hashlib.sha256(f"{tensor.dtype}{list(tensor.shape)}".encode())
-    digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    digest = hashlib.sha256()
+    update_digest(digest, tensor)
     return digest.hexdigest()
 
 

@@ -18,13 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .model import rosa_layers
-from .ranks import DIGEST_WORDS, collective_device, digest_words, gather
+from .ranks import DIGEST_WORDS, collective_device, digest_words, gather, update_digest
 from .sharded import full
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().contiguous().reshape(-1).cpu()
-    return flat.view(torch.uint8).numpy().tobytes()
 
 
 def layer_digest(name: str, layer: nn.Module) -> list[int]:
@@ -33,9 +28,7 @@ def layer_digest(name: str, layer: nn.Module) -> list[int]:
     bias = getattr(layer.base, "bias", None)  # embeddings have none
     for tensor in (layer.base.weight, bias, layer.up, layer.down):
         if tensor is not None:
-            tensor = full(tensor)
-            digest.update(f"{tensor.dtype}{list(tensor.shape)}".encode())
-            digest.update(_tensor_bytes(tensor))
+            update_digest(digest, full(tensor))
     return digest_words(digest) + [layer.resample_count]
 
 

@@ -14,6 +14,12 @@ import torch.distributed as dist
 DIGEST_WORDS = 4  # a SHA-256 digest as four int64 words
 
 
+def update_digest(digest: "hashlib._Hash", tensor: torch.Tensor) -> None:
+    """Feed ``tensor``'s dtype, shape and bytes into ``digest``."""
+    digest.update(f"{tensor.dtype}{list(tensor.shape)}".encode())
+    digest.update(tensor.detach().contiguous().reshape(-1).cpu().view(torch.uint8).numpy())
+
+
 def digest_words(digest: "hashlib._Hash") -> list[int]:
     """A SHA-256 digest as ``DIGEST_WORDS`` signed int64 words."""
     raw = digest.digest()
