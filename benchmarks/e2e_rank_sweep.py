@@ -539,6 +539,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                        "seeds": args.seeds or budget.seeds})
     if not args.data.is_file():
         raise SystemExit(f"{STEM}: {args.data} not found; pass --data path/to/e2e/dev.csv")
+    args.data = args.data.resolve()  # runs are matched by their settings, the data file's path among them
     if (args.out / FINISHED).exists() and not args.resume:
         raise SystemExit(f"{STEM}: {args.out} holds runs of an earlier sweep; pass --resume to continue it, "
                          "or choose another --out")

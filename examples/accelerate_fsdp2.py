@@ -1,6 +1,6 @@
 """ROSA under FSDP2 through accelerate and the Hugging Face Trainer, with RosaCallback resampling.
 
-    accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/accelerate_fsdp2.py --out runs/fsdp2
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/accelerate_fsdp2.py --data e2e/dev.csv --out runs/fsdp2
     accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/accelerate_fsdp2.py --tiny --out OUT
 
 The model is wrapped with rosa.wrap before the Trainer exists; accelerate then applies ``fully_shard`` to
@@ -53,12 +53,14 @@ def smollm2_and_e2e(data: str, rows: int) -> tuple[torch.nn.Module, Dataset]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a random 2-layer Llama on random tokens")
-    parser.add_argument("--data", default="/work/shared/data/e2e/dev.csv", help="E2E CSV (not used with --tiny)")
+    parser.add_argument("--data", help="an E2E CSV file (header mr,ref); needed unless --tiny")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--max-steps", type=int, default=6)
     parser.add_argument("--resample-every", type=int, default=2)
     parser.add_argument("--out", default="runs/fsdp2")
     args = parser.parse_args()
+    if not args.tiny and not args.data:
+        parser.error("pass --data path/to/e2e/dev.csv, or --tiny")
 
     model, data = tiny_model_and_data(args.rows) if args.tiny else smollm2_and_e2e(args.data, args.rows)
     rosa.wrap(model, rosa.RosaConfig(rank=4, seed=0))  # before the Trainer shards it

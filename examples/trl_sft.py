@@ -1,6 +1,6 @@
 """Supervised fine-tuning of SmolLM2-135M-Instruct with ROSA under TRL's SFTTrainer, on chat-formatted E2E data.
 
-    python examples/trl_sft.py /work/shared/data/e2e/dev.csv --max-steps 60 --out runs/trl-sft
+    python examples/trl_sft.py e2e/dev.csv --max-steps 60 --out runs/trl-sft
     torchrun --standalone --nproc_per_node 2 examples/trl_sft.py DATA.csv     # DDP, SVDs split across ranks
 
 Each E2E row (meaning representation, reference) becomes a two-turn conversation: the user asks for a
@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
@@ -35,7 +36,7 @@ def chat_dataset(path: str, limit: int | None) -> Dataset:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", help="an E2E CSV file (header mr,ref), e.g. /work/shared/data/e2e/dev.csv")
+    parser.add_argument("data", help="an E2E CSV file (header mr,ref), e.g. the E2E dev set's dev.csv")
     parser.add_argument("--model", default="smollm2", help="'smollm2' (the bundled SmolLM2-135M-Instruct) or a folder")
     parser.add_argument("--limit", type=int, help="use only the first N rows")
     parser.add_argument("--max-steps", type=int, default=60)
@@ -56,6 +57,7 @@ def main() -> None:
         output_dir=args.out, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
         max_length=128, seed=0, activation_checkpointing=args.activation_checkpointing,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # bf16 autocast on GPUs only
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=chat_dataset(args.data, args.limit),
                          processing_class=tokenizer, callbacks=[callback])

@@ -42,18 +42,23 @@ def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
 
+def mse(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(model(inputs), targets)
+
+
 def train_resampling(model: torch.nn.Module, batch, rows: slice, steps: int, every: int,
-                     after_resample=lambda model, optimizer: None, optimizer=None, start: int = 0) -> torch.Tensor:
-    """``optimizer`` (default :func:`adamw`) on the MSE of ``model`` over ``rows`` of ``batch(step)``'s
-    ``(inputs, targets)`` for steps ``start .. steps - 1``, ``rosa.resample`` (then ``after_resample(model,
-    optimizer)``) after every ``every``-th; the losses ``[steps - start]``."""
+                     after_resample=lambda model, optimizer: None, optimizer=None, start: int = 0,
+                     loss_fn=mse) -> torch.Tensor:
+    """``optimizer`` (default :func:`adamw`) on ``loss_fn(model, inputs, targets)`` (default the MSE) over
+    ``rows`` of ``batch(step)``'s ``(inputs, targets)`` for steps ``start .. steps - 1``, ``rosa.resample``
+    (then ``after_resample(model, optimizer)``) after every ``every``-th; the losses ``[steps - start]``."""
     import rosa
 
     optimizer = optimizer or adamw(model)
     losses = []
     for step in range(start, steps):
         x, y = batch(step)
-        loss = torch.nn.functional.mse_loss(model(x[rows]), y[rows])
+        loss = loss_fn(model, x[rows], y[rows])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -207,6 +207,37 @@ def non_finite_run(rank: int) -> dict:
     return result
 
 
+def low_precision(residual_dtype: str = "float32") -> Net:
+    """A bfloat16 Net whose residuals are kept in ``residual_dtype``, its factors moved off zero."""
+    torch.manual_seed(0)
+    config = rosa.RosaConfig(rank=3, seed=1, residual_dtype=residual_dtype, target_modules=["inner", "outer", "head"])
+    model = rosa.wrap(Net().to(torch.bfloat16), config)
+    with torch.no_grad():
+        for layer in rosa.rosa_layers(model).values():
+            layer.up.add_(0.5)
+    return model
+
+
+def low_precision_merge_run(rank: int) -> dict:
+    """FSDP2 merge of bfloat16 layers with float32 residuals (refused, nothing changed) and their merged
+    state dict from the full state dict instead."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model = shard(low_precision())
+    rosa.resample(model)
+    result = {}
+    before = {k: v.clone() for k, v in full_state(model).items()}
+    try:
+        rosa.merge(model)
+        result["error"] = "no error"
+    except ValueError as err:
+        result["error"] = str(err)
+    result["unchanged"] = bitwise_equal(before, full_state(model))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    result["merged"] = rosa.merged_state_dict(model, full)
+    return result
+
+
 def dcp_run(directory: str, rank: int) -> dict:
     """Runs stopped after step 2 (just resampled) and step 3, saved with DCP, loaded into fresh sharded
     models and optimizers and finished: their losses and final states against the uninterrupted run's."""
@@ -291,6 +322,18 @@ def test_fsdp2_non_finite_or_failed_resample_raises_on_every_rank_and_changes_no
     assert "rank(s) [1] failed" in result["failed"]["error"]
     assert all(result[case]["unchanged"] for case in ("shard", "split", "failed"))
     assert result["after"] == len(rosa.rosa_layers(build()))
+
+
+def test_fsdp2_merge_that_would_change_a_sharded_dtype_is_refused_and_the_merged_state_dict_is_exact(tmp_path):
+    result = spawn(low_precision_merge_run, tmp_path)
+    assert result["error"].startswith("rosa.merge cannot merge 5 sharded layers (e.g. blocks.0.inner) whose residual")
+    assert "rosa.merged_state_dict(model, get_model_state_dict(" in result["error"]
+    assert result["unchanged"]
+    model = low_precision()
+    rosa.resample(model)
+    reference = rosa.merge(model).state_dict()
+    assert bitwise_equal(result["merged"], reference)
+    assert reference["blocks.0.inner.weight"].dtype == torch.bfloat16
 
 
 def test_dcp_resume_under_fsdp2_is_exact_also_across_a_resample(tmp_path):

@@ -4,7 +4,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import LayerSpec, RosaConfig
 from .errors import NonFiniteError
 from .layers import RosaConv2d, RosaEmbedding, RosaLayer, RosaLinear
-from .model import merge, parameter_report, print_trainable_parameters, resample, rosa_layers, wrap
+from .model import merge, merged_state_dict, parameter_report, print_trainable_parameters, resample, rosa_layers, wrap
 from .optimizer_state import reset_optimizer_state
 from .schedule import ResampleSchedule, rewarmup_factor
 
@@ -21,6 +21,7 @@ __all__ = [
     "ResampleSchedule",
     "load_checkpoint",
     "merge",
+    "merged_state_dict",
     "parameter_report",
     "print_trainable_parameters",
     "resample",

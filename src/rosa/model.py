@@ -234,6 +234,7 @@ def merge(model: nn.Module) -> nn.Module:
     check_wrappers(model, "merge")
     sharded.reshard(model)
     layers = rosa_layers(model)
+    _refuse_sharded_retype(layers)
     raise_if_non_finite(_named_state(layers), "rosa.merge", NON_FINITE_FIX)
     for name, layer in layers.items():
         _set_submodule(model, name, layer.merge())
@@ -243,6 +244,18 @@ def merge(model: nn.Module) -> nn.Module:
     if isinstance(vars(model).get(SAVE_ATTR), MergedSavePretrained):
         delattr(model, SAVE_ATTR)
     return model
+
+
+def _refuse_sharded_retype(layers: dict[str, RosaLayer]) -> None:
+    """Raise ``ValueError`` if merging would have to change a sharded (FSDP2) weight's dtype."""
+    kept = [name for name, layer in layers.items()
+            if sharded.is_sharded(layer.base.weight) and layer.base.weight.dtype != layer.weight_dtype]
+    if kept:
+        raise ValueError(
+            f"rosa.merge cannot merge {len(kept)} sharded layers (e.g. {kept[0]}) whose residual is kept in another "
+            "dtype (RosaConfig.residual_dtype) than their weight: FSDP2 cannot change a sharded parameter's dtype. "
+            "Nothing was changed. Take the plain model's state dict instead (collective): rosa.merged_state_dict("
+            "model, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))")
 
 
 def merged_state_dict(model: nn.Module, state: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
