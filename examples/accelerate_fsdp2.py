@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--data", help="an E2E CSV file (header mr,ref); needed unless --tiny")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--max-steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=4, help="rows per process and step")
     parser.add_argument("--resample-every", type=int, default=2)
     parser.add_argument("--out", default="runs/fsdp2")
     args = parser.parse_args()
@@ -65,7 +66,7 @@ def main() -> None:
     model, data = tiny_model_and_data(args.rows) if args.tiny else smollm2_and_e2e(args.data, args.rows)
     rosa.wrap(model, rosa.RosaConfig(rank=4, seed=0))  # before the Trainer shards it
     callback = RosaCallback(every_steps=args.resample_every)
-    training = TrainingArguments(output_dir=args.out, max_steps=args.max_steps, per_device_train_batch_size=4,
+    training = TrainingArguments(output_dir=args.out, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
                                  learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[], seed=0,
                                  disable_tqdm=True)
     trainer = Trainer(model=model, args=training, train_dataset=data.with_format("torch"), callbacks=[callback])

@@ -1,14 +1,19 @@
-"""ROSA through accelerate's FSDP2 preparation (``fsdp2_prepare_model``, what ``accelerate launch`` with
-an FSDP2 config applies to the model), in 2 gloo processes, against the same training in one process.
+"""ROSA under accelerate's FSDP2, in 2 gloo processes, against the same training in one process: the
+model preparation (``fsdp2_prepare_model``) called directly, and ``examples/accelerate_fsdp2.py`` (the
+Trainer with RosaCallback) under ``accelerate launch --config_file examples/accelerate_fsdp2.yaml``.
 
-accelerate only turns its FSDP plugin on for accelerator launches, so these tests hand the plugin to a
-CPU ``Accelerator`` and call the preparation function directly; the Trainer side of the launch
-(``examples/accelerate_fsdp2.py``) needs GPUs.
+accelerate 1.16 turns its FSDP plugin on only for accelerator launches: the first tests hand the plugin
+to a CPU ``Accelerator``; the launch goes through ``accelerate_fsdp2_on_cpu.py``, which keeps the plugin
+on for CPU processes and changes nothing else.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import rosa  # noqa: E402
 
-from helpers import spawn_gloo, train_resampling  # noqa: E402
+from helpers import REPO, free_port, spawn_gloo, train_resampling  # noqa: E402
 
 WORLD = 2
 BATCH = 8  # global batch, BATCH // WORLD rows per rank
@@ -30,11 +35,14 @@ RESAMPLE_EVERY = 2
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
+def tiny_config() -> LlamaConfig:
+    return LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+
+
 def build(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    return rosa.wrap(LlamaForCausalLM(config), rosa.RosaConfig(rank=4, seed=0))
+    return rosa.wrap(LlamaForCausalLM(tiny_config()), rosa.RosaConfig(rank=4, seed=0))
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,3 +100,29 @@ def test_accelerate_fsdp2_run_with_resamples_matches_one_process(prepared, rank0
     assert result["state"].keys() == reference.keys()
     for name, weight in reference.items():
         torch.testing.assert_close(result["state"][name], weight, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def launch_example(processes: int, batch_size: int, out: Path) -> dict:
+    """``examples/accelerate_fsdp2.py --tiny`` under ``accelerate launch`` with the FSDP2 config, on CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true",
+           "PYTHONPATH": str(REPO / "src")}
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+               str(REPO / "examples" / "accelerate_fsdp2.yaml"), "--num_processes", str(processes),
+               "--main_process_port", str(free_port()), str(Path(__file__).parent / "accelerate_fsdp2_on_cpu.py"),
+               "--tiny", "--max-steps", "4", "--resample-every", "2", "--batch-size", str(batch_size),
+               "--out", str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {**json.loads((out / "result.json").read_text()), "state": torch.load(out / "merged_state_dict.pt")}
+
+
+def test_accelerate_launch_fsdp2_trainer_with_callback_matches_one_process(tmp_path):
+    two = launch_example(2, 2, tmp_path / "two")
+    one = launch_example(1, 4, tmp_path / "one")  # the same global batches
+    assert (two["world_size"], one["world_size"]) == (2, 1)
+    assert two["factor_type"] == "DTensor" and two["resample_steps"] == one["resample_steps"] == [2]
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-5)
+    for name, weight in one["state"].items():
+        torch.testing.assert_close(two["state"][name], weight, rtol=1e-5, atol=1e-5, msg=name)
+    plain = LlamaForCausalLM(tiny_config())  # the example's --tiny model
+    plain.load_state_dict(two["state"])  # strict: the merged model is a plain Llama
