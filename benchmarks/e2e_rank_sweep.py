@@ -426,7 +426,7 @@ def markdown(report: dict[str, Any]) -> str:
         + (f", a seeded {budget['train_pairs']} of them per run" if budget["train_pairs"] else "")
         + f"), {sizes['validation_mrs']} "
         f"validation MRs (LR choice, seed 0), {sizes['test_mrs']} test MRs with {sizes['test_refs']} references "
-        f"(every score below); MRs in two parts: {sizes['mrs_shared']}. LR grids: "
+        f"(every score below); MRs shared by two parts: {sizes['mrs_shared']}. LR grids: "
         + "; ".join(f"{m} {', '.join(f'{lr:g}' for lr in grid)}" for m, grid in LR_GRID.items())
         + f"; chosen by validation BLEU on seed 0, then run on {later_seeds(report['seeds'])}.",
         "",
