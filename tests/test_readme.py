@@ -53,7 +53,7 @@ def test_setup_command_pins_cpu_torch_before_the_package():
 
 def test_readme_and_every_report_have_result_tables():
     with_tables = {doc for doc, _, _ in RESULT_TABLES}
-    reports = {f"docs/experiments/{name}.md" for name in ("synthetic", "glue", "e2e", "vision", "performance")}
+    reports = {f"docs/experiments/{name}.md" for name in ("synthetic", "glue", "e2e", "e2e-rank-sweep", "vision", "performance")}
     assert "README.md" in with_tables
     assert reports <= with_tables, f"reports without a results table: {sorted(reports - with_tables)}"
 
