@@ -63,12 +63,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import shutil
 import statistics
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -84,6 +83,7 @@ from rosa.experiments.models import load_causal_lm, load_tokenizer
 from rosa.experiments.nlg_metrics import compute_nlg_metrics
 from rosa.experiments.reporting import format_table, machine_info, new_figure, save_figure, write_json
 from rosa.experiments.update_geometry import NUMERICAL_RTOL, layer_weights, update_ranks
+from rosa.experiments.workers import worker_pool
 
 REPO = Path(__file__).resolve().parents[1]
 STEM = "e2e-rank-sweep"  # OUT/STEM.json, .md, .png
@@ -252,7 +252,7 @@ def execute(first: list[RunSpec], job: Callable[[RunSpec], tuple], reuse: Callab
             saved = reuse(spec)
             settle(spec, saved or run_one(*job(spec)), saved is not None)
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(workers) as pool:
         running: dict[Any, RunSpec] = {}
         while pending or running:
             while pending and len(running) < workers:

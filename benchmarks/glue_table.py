@@ -15,11 +15,10 @@ import argparse
 import contextlib
 import json
 import math
-import multiprocessing
 import shutil
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -33,6 +32,7 @@ from rosa.experiments.glue_data import get_task_spec
 from rosa.experiments.methods import METHODS, classifier_head, prepare_model
 from rosa.experiments.models import load_sequence_classifier
 from rosa.experiments.reporting import default_device, format_table, machine_info, write_json
+from rosa.experiments.workers import worker_pool
 from rosa.subspace import SINGULAR_VALUE_PLACEMENTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,8 +262,7 @@ def in_workers(function: Callable[..., Any], jobs: dict[str, tuple], workers: in
     if workers == 1:
         yield from ((key, function(*job)) for key, job in jobs.items())
         return
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with worker_pool(workers) as pool:
         futures = {pool.submit(function, *job): key for key, job in jobs.items()}
         for future in as_completed(futures):
             yield futures[future], future.result()
