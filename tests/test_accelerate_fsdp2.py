@@ -59,22 +59,29 @@ def train(model: torch.nn.Module, rows: slice) -> torch.Tensor:
     return train_resampling(model, batch, rows, STEPS, RESAMPLE_EVERY, loss_fn=causal_lm_loss)
 
 
-def accelerate_run(rank: int) -> dict:
-    """Prepared by accelerate (with and without its rank-0 loading, where rank 1 starts from other
-    weights), trained with resamples, then merged; the mean losses and the full merged state."""
+def prepare(rank: int, model: torch.nn.Module, **plugin) -> torch.nn.Module:
+    """``model`` prepared by accelerate's FSDP2 code (``fully_shard`` per decoder layer, then the root), with
+    the ``Accelerator`` of this process (made on the first call) given an FSDP2 plugin of ``plugin`` settings."""
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=True, mixed_precision=plugin.get("mixed_precision_policy", "no"))
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+        reshard_after_forward=True, **plugin)
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def accelerate_run(rank: int) -> dict:
+    """Prepared by accelerate (with and without its rank-0 loading, where rank 1 starts from other
+    weights), trained with resamples, then merged; the mean losses and the full merged state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     result = {}
     for rank0_loading in (False, True):
-        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
-            reshard_after_forward=True, cpu_ram_efficient_loading=rank0_loading)
-        model = fsdp2_prepare_model(accelerator, build(seed=rank if rank0_loading else 0))
+        model = prepare(rank, build(seed=rank if rank0_loading else 0), cpu_ram_efficient_loading=rank0_loading)
         per = BATCH // WORLD
         losses = train(model, slice(rank * per, (rank + 1) * per))
         dist.all_reduce(losses)
@@ -126,3 +133,35 @@ def test_accelerate_launch_fsdp2_trainer_with_callback_matches_one_process(tmp_p
         torch.testing.assert_close(two["state"][name], weight, rtol=1e-5, atol=1e-5, msg=name)
     plain = LlamaForCausalLM(tiny_config())  # the example's --tiny model
     plain.load_state_dict(two["state"])  # strict: the merged model is a plain Llama
+
+
+def bf16_run(rank: int) -> dict:
+    """A bfloat16 model under accelerate's bf16 mixed precision (which upcasts the trainable factors to
+    float32), trained with resamples; its merge against the merged state dict computed before it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from rosa.distributed import check_rank_agreement
+
+    torch.manual_seed(0)
+    model = prepare(rank, rosa.wrap(LlamaForCausalLM(tiny_config()).to(torch.bfloat16), rosa.RosaConfig(rank=4, seed=0)),
+                    mixed_precision_policy="bf16")
+    layer = model.model.layers[0].self_attn.q_proj
+    per = BATCH // WORLD
+    losses = train(model, slice(rank * per, (rank + 1) * per))
+    full = StateDictOptions(full_state_dict=True)
+    expected = rosa.merged_state_dict(model, get_model_state_dict(model, options=full))
+    result = {"dtypes": (layer.up.dtype, layer.base.weight.dtype), "finite": bool(losses.isfinite().all()),
+              "agree": check_rank_agreement(model), "expected": expected}
+    rosa.merge(model)
+    result["merged"] = get_model_state_dict(model, options=full)
+    return result
+
+
+def test_accelerate_fsdp2_bf16_mixed_precision_trains_resamples_and_merges(tmp_path):
+    result = spawn_gloo(bf16_run, WORLD, tmp_path)
+    assert result["dtypes"] == (torch.float32, torch.bfloat16)  # accelerate's upcast of the trainable factors
+    assert result["finite"] and result["agree"] == len(rosa.rosa_layers(build()))
+    merged, expected = result["merged"], result["expected"]
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) and merged[k].dtype == torch.bfloat16 for k in merged)
+    LlamaForCausalLM(tiny_config()).load_state_dict(merged)  # strict: a plain Llama
