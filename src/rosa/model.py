@@ -265,6 +265,10 @@ def merged_state_dict(model: nn.Module, state: Optional[dict[str, torch.Tensor]]
     layer's: ``weight`` the merged weight (new tensors: one copy of the adapted weights), ``bias``
     as it is; the factors and resample counts dropped. Raises :class:`rosa.NonFiniteError` if a
     factor or residual holds NaN or Inf.
+
+    Under FSDP2 every rank must call it (each layer is all-gathered); pass the full state dict,
+    ``get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))``, to get the whole
+    plain model's state dict, in its original dtypes.
     """
     state = model.state_dict() if state is None else state
     layers = rosa_layers(model)
