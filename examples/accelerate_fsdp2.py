@@ -6,7 +6,9 @@
 The model is wrapped with rosa.wrap before the Trainer exists; accelerate then applies ``fully_shard`` to
 each decoder layer and the root. Each resample gathers a layer's residual and factors, refactorizes them
 (each group's SVD on one rank, broadcast to the others) and writes every rank's shard back in place.
-At the end the factors are merged and rank 0 saves the full, plain model (it loads without rosa).
+At the end ``trainer.save_model`` writes the merged plain model to OUT/model when the config's
+``fsdp_state_dict_type`` is ``FULL_STATE_DICT`` (with ``SHARDED_STATE_DICT`` it writes no weights); then
+the factors are merged and rank 0 saves the full, plain state dict (both load without rosa).
 ``--tiny`` trains a randomly initialized 2-layer Llama on random tokens, in seconds; the default is the
 bundled SmolLM2-135M-Instruct on E2E references. accelerate applies FSDP only on accelerators (GPUs);
 the script stops with a message when FSDP is not active.
@@ -75,6 +77,7 @@ def main() -> None:
                          "on GPUs (accelerate 1.16 applies its FSDP plugin only on accelerators, not to CPU "
                          "processes; on CPU, apply fully_shard yourself under torchrun)")
     trainer.train()
+    trainer.save_model(f"{args.out}/model")  # the merged plain model when fsdp_state_dict_type is FULL_STATE_DICT
 
     sharded = type(rosa.rosa_layers(trainer.model).popitem()[1].up).__name__
     rosa.merge(trainer.model)  # collective under FSDP2: every rank folds its shards

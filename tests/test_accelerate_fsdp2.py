@@ -109,12 +109,12 @@ def test_accelerate_fsdp2_run_with_resamples_matches_one_process(prepared, rank0
         torch.testing.assert_close(result["state"][name], weight, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def launch_example(processes: int, batch_size: int, out: Path) -> dict:
-    """``examples/accelerate_fsdp2.py --tiny`` under ``accelerate launch`` with the FSDP2 config, on CPU."""
+def launch_example(processes: int, batch_size: int, out: Path, config: Path = REPO / "examples" / "accelerate_fsdp2.yaml") -> dict:
+    """``examples/accelerate_fsdp2.py --tiny`` under ``accelerate launch`` with an FSDP2 ``config``, on CPU."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true",
            "PYTHONPATH": str(REPO / "src")}
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-               str(REPO / "examples" / "accelerate_fsdp2.yaml"), "--num_processes", str(processes),
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config),
+               "--num_processes", str(processes),
                "--main_process_port", str(free_port()), str(Path(__file__).parent / "accelerate_fsdp2_on_cpu.py"),
                "--tiny", "--max-steps", "4", "--resample-every", "2", "--batch-size", str(batch_size),
                "--out", str(out)]
@@ -165,3 +165,16 @@ def test_accelerate_fsdp2_bf16_mixed_precision_trains_resamples_and_merges(tmp_p
     assert merged.keys() == expected.keys()
     assert all(torch.equal(merged[k], expected[k]) and merged[k].dtype == torch.bfloat16 for k in merged)
     LlamaForCausalLM(tiny_config()).load_state_dict(merged)  # strict: a plain Llama
+
+
+def test_trainer_save_model_under_fsdp2_full_state_dict_writes_the_merged_plain_model(tmp_path):
+    """The Trainer gathers the full state dict on every rank, then only rank 0 calls save_pretrained: the
+    merge must need no collective there (one used to leave the ranks' collectives mismatched)."""
+    config = tmp_path / "full.yaml"
+    yaml = (REPO / "examples" / "accelerate_fsdp2.yaml").read_text()
+    config.write_text(yaml.replace("fsdp_state_dict_type: SHARDED_STATE_DICT", "fsdp_state_dict_type: FULL_STATE_DICT"))
+    result = launch_example(2, 2, tmp_path / "out", config)
+    saved = LlamaForCausalLM.from_pretrained(tmp_path / "out" / "model").state_dict()  # plain transformers
+    assert saved.keys() == result["state"].keys()
+    for name, weight in result["state"].items():  # what rosa.merge gave after save_model
+        assert torch.equal(saved[name], weight), name

@@ -126,17 +126,24 @@ class RosaLayer(nn.Module):
         return super()._apply(fn, recurse)
 
     # -- the weight as an [out, in] matrix -------------------------------------------------------
+    def as_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        """A whole weight in the base layer's layout viewed as ``[out, in]``."""
+        raise NotImplementedError
+
     def dense_weight(self) -> torch.Tensor:
         """The base weight viewed as ``[out, in]`` (all-gathered when it is sharded)."""
-        raise NotImplementedError
+        return self.as_dense(sharded.full(self.base.weight))
 
     @property
     def dense_shape(self) -> tuple[int, int]:
         """``(out, in)`` of :meth:`dense_weight`, read without gathering a sharded weight."""
         return self.up.shape[0], self.down.shape[1]
 
-    def to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
-        """An ``[out, in]`` matrix (a temporary, which this may overwrite) in the base weight's layout."""
+    def to_base_layout(self, weight: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """An ``[out, in]`` matrix (a temporary, which this may overwrite) in the base weight's layout.
+
+        ``residual`` (default the base weight) is the whole weight it replaces, in the base layout.
+        """
         raise NotImplementedError
 
     def set_dense_weight(self, weight: torch.Tensor) -> None:
@@ -180,11 +187,17 @@ class RosaLayer(nn.Module):
         would return): the model's own grid pulls rounding errors back, which measured 1.5x less
         drift over many resamples than keeping the float32 fold.
         """
-        out.copy_(self.dense_weight())
-        if fold:
-            out.addmm_(sharded.full(self.up).float(), sharded.full(self.down).float())
-            if self.residual_dtype.itemsize < 4:
-                out.copy_(out.to(self.residual_dtype))
+        if not fold:
+            return out.copy_(self.dense_weight())
+        return self.fold_into(out, self.dense_weight(), sharded.full(self.up), sharded.full(self.down))
+
+    @torch.no_grad()
+    def fold_into(self, out: torch.Tensor, residual: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """Write ``residual [out, in] + up @ down`` into float32 ``out [out, in]`` (rounded to the residual
+        dtype when that is lower) and return it; all whole tensors."""
+        out.copy_(residual).addmm_(up.float(), down.float())
+        if self.residual_dtype.itemsize < 4:
+            out.copy_(out.to(self.residual_dtype))
         return out
 
     def source_weight(self, fold: bool) -> torch.Tensor:
@@ -253,6 +266,14 @@ class RosaLayer(nn.Module):
         new tensor; the layer is unchanged."""
         return self.to_base_layout(self.source_weight(fold=True)).to(self.weight_dtype)
 
+    @torch.no_grad()
+    def merged_weight(self, residual: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """:meth:`merged_base_weight` computed from given whole tensors (a state dict's residual in the base
+        layout, and factors) instead of the layer's own: no collective, even when the layer is sharded."""
+        out = torch.empty(self.dense_shape, dtype=torch.float32, device=up.device)
+        folded = self.fold_into(out, self.as_dense(residual), up, down)
+        return self.to_base_layout(folded, residual).to(self.weight_dtype)
+
     def merge(self) -> nn.Module:
         """Fold the factors in and return the plain base layer, its weight back in its original dtype
         (this wrapper must not be used again)."""
@@ -303,11 +324,10 @@ class RosaLinear(RosaLayer):
         """True for ``Conv1D``, whose weight is stored ``[in, out]``."""
         return not isinstance(self.base, nn.Linear)
 
-    def dense_weight(self) -> torch.Tensor:
-        weight = sharded.full(self.base.weight)
+    def as_dense(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.transposed else weight
 
-    def to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
+    def to_base_layout(self, weight: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         return weight.T if self.transposed else weight
 
     def residual_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -331,10 +351,10 @@ class RosaConv2d(RosaLayer):
     ``groups * R`` intermediate channels. Dropout acts on the input of the down convolution.
     """
 
-    def dense_weight(self) -> torch.Tensor:
-        return sharded.full(self.base.weight).flatten(1)  # [out, in/groups*kh*kw]
+    def as_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.flatten(1)  # [out, in/groups*kh*kw]
 
-    def to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
+    def to_base_layout(self, weight: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         return weight.reshape(self.base.weight.shape)
 
     def residual_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -379,14 +399,15 @@ class RosaEmbedding(RosaLayer):
                 "layer or build the embedding with sparse=False"
             )
 
-    def dense_weight(self) -> torch.Tensor:
-        return sharded.full(self.base.weight)  # [num_embeddings, dim]
+    def as_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight  # [num_embeddings, dim]
 
-    def to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
+    def to_base_layout(self, weight: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``weight`` with the padding row overwritten by the table's, which so keeps its original value exactly."""
         padding_idx = self.base.padding_idx
         if padding_idx is not None:
-            weight[padding_idx] = self.dense_weight()[padding_idx]
+            table = self.dense_weight() if residual is None else residual
+            weight[padding_idx] = table[padding_idx]
         return weight
 
     @torch.no_grad()

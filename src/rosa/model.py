@@ -263,25 +263,37 @@ def merged_state_dict(model: nn.Module, state: Optional[dict[str, torch.Tensor]]
 
     ``state`` (default ``model.state_dict()``) with each ROSA layer's entries replaced by its base
     layer's: ``weight`` the merged weight (new tensors: one copy of the adapted weights), ``bias``
-    as it is; the factors and resample counts dropped. Raises :class:`rosa.NonFiniteError` if a
-    factor or residual holds NaN or Inf.
+    as it is; the factors and resample counts dropped. The merged weights are computed from the
+    residuals and factors ``state`` holds. Raises :class:`rosa.NonFiniteError` if one of them holds
+    NaN or Inf.
 
-    Under FSDP2 every rank must call it (each layer is all-gathered); pass the full state dict,
-    ``get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))``, to get the whole
-    plain model's state dict, in its original dtypes.
+    Under FSDP2, a full state dict (``get_model_state_dict(model, options=StateDictOptions(
+    full_state_dict=True))``) gives the whole plain model's state dict without any collective, so one
+    rank may call it alone (as the Hugging Face Trainer's ``save_model`` does); with the default
+    ``model.state_dict()`` (sharded tensors) every rank must call it.
     """
     state = model.state_dict() if state is None else state
-    layers = rosa_layers(model)
-    raise_if_non_finite(_named_state(layers), "saving the merged model", NON_FINITE_FIX)
+    every = rosa_layers(model)
+    layers = {name: layer for name, layer in every.items() if f"{name}.base.weight" in state}
+
+    def folded_tensors(name: str) -> list[tuple[str, torch.Tensor]]:
+        """The layer's up, down and residual (in its base layout) as ``state`` holds them, whole."""
+        own = {"up": layers[name].up, "down": layers[name].down, "base.weight": layers[name].base.weight}
+        return [(f"{name}.{key}", sharded.full(state.get(f"{name}.{key}", tensor))) for key, tensor in own.items()]
+
+    named = (item for name in layers for item in folded_tensors(name))
+    raise_if_non_finite(named, "saving the merged model", NON_FINITE_FIX)
     merged = {}
     for key, value in state.items():
         owner, _, leaf = key.rpartition(".")
         layer_name, _, base = owner.rpartition(".")
-        if owner in layers:  # up, down, resamples
+        if owner in every:  # up, down, resamples
             continue
         if base == "base" and layer_name in layers:
-            layer = layers[layer_name]
-            merged[f"{layer_name}.{leaf}"] = layer.merged_base_weight().contiguous() if leaf == "weight" else value
+            if leaf == "weight":
+                (_, up), (_, down), (_, residual) = folded_tensors(layer_name)
+                value = layers[layer_name].merged_weight(residual, up, down).contiguous()
+            merged[f"{layer_name}.{leaf}"] = value
         else:
             merged[key] = value
     return merged
