@@ -264,12 +264,12 @@ class RosaLayer(nn.Module):
     def merged_base_weight(self) -> torch.Tensor:
         """The base layer's weight as :meth:`merge` leaves it (its layout, its original dtype), as a
         new tensor; the layer is unchanged."""
-        return self.to_base_layout(self.source_weight(fold=True)).to(self.weight_dtype)
+        return self.merged_weight(sharded.full(self.base.weight), sharded.full(self.up), sharded.full(self.down))
 
     @torch.no_grad()
     def merged_weight(self, residual: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        """:meth:`merged_base_weight` computed from given whole tensors (a state dict's residual in the base
-        layout, and factors) instead of the layer's own: no collective, even when the layer is sharded."""
+        """:meth:`merged_base_weight` of given whole tensors (a residual in the base layout, and factors),
+        such as a full state dict's: no collective, even when the layer is sharded."""
         out = torch.empty(self.dense_shape, dtype=torch.float32, device=up.device)
         folded = self.fold_into(out, self.as_dense(residual), up, down)
         return self.to_base_layout(folded, residual).to(self.weight_dtype)
