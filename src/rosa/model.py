@@ -276,13 +276,13 @@ def merged_state_dict(model: nn.Module, state: Optional[dict[str, torch.Tensor]]
     every = rosa_layers(model)
     layers = {name: layer for name, layer in every.items() if f"{name}.base.weight" in state}
 
-    def folded_tensors(name: str) -> list[tuple[str, torch.Tensor]]:
-        """The layer's up, down and residual (in its base layout) as ``state`` holds them, whole."""
-        own = {"up": layers[name].up, "down": layers[name].down, "base.weight": layers[name].base.weight}
-        return [(f"{name}.{key}", sharded.full(state.get(f"{name}.{key}", tensor))) for key, tensor in own.items()]
-
-    named = (item for name in layers for item in folded_tensors(name))
-    raise_if_non_finite(named, "saving the merged model", NON_FINITE_FIX)
+    counts, weights = [], {}  # each layer's tensors are gathered once (a collective for sharded ones)
+    for name, layer in layers.items():
+        whole = {key: sharded.full(state.get(f"{name}.{key}", tensor))
+                 for key, tensor in (("up", layer.up), ("down", layer.down), ("base.weight", layer.base.weight))}
+        counts += [(f"{name}.{key}", count_non_finite(tensor)) for key, tensor in whole.items()]
+        weights[name] = layer.merged_weight(whole["base.weight"], whole["up"], whole["down"]).contiguous()
+    raise_if_counted(counts, "saving the merged model", NON_FINITE_FIX)
     merged = {}
     for key, value in state.items():
         owner, _, leaf = key.rpartition(".")
@@ -290,10 +290,7 @@ def merged_state_dict(model: nn.Module, state: Optional[dict[str, torch.Tensor]]
         if owner in every:  # up, down, resamples
             continue
         if base == "base" and layer_name in layers:
-            if leaf == "weight":
-                (_, up), (_, down), (_, residual) = folded_tensors(layer_name)
-                value = layers[layer_name].merged_weight(residual, up, down).contiguous()
-            merged[f"{layer_name}.{leaf}"] = value
+            merged[f"{layer_name}.{leaf}"] = weights[layer_name] if leaf == "weight" else value
         else:
             merged[key] = value
     return merged
