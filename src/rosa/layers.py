@@ -67,7 +67,7 @@ def _spec_field(field: str) -> property:
 class RosaLayer(nn.Module):
     """Shared state and lifecycle of a ROSA-adapted layer.
 
-    Subclasses implement ``dense_weight`` / ``to_base_layout`` (the base weight as ``[out, in]`` and
+    Subclasses implement ``as_dense`` / ``to_base_layout`` (the base weight as ``[out, in]`` and
     back), ``residual_forward`` and ``forward``.
     """
 
